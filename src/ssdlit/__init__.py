@@ -1,0 +1,3 @@
+"""ssdlit: single-shot object detectors on PyTorch Lightning and Hydra."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The grid that every anchor generator shares.
+
+A generator decides the box sizes of one cell per level (in input pixels); this
+module lays them out over the feature map: centres at ``(offset + i) * step``,
+order (level, row y, column x, box), output cxcywh normalised by the input size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ssdlit.boxes import convert
+
+__all__ = ["AnchorGenerator", "PerLevel", "pair_per_level"]
+
+Number = int | float
+#: One number per level or a (y, x) pair per level.
+PerLevel = Sequence[Number | Sequence[Number]]
+
+CLIP_MODES = (False, True, "ssd_keras", "unit")
+
+
+def pair_per_level(
+    values: PerLevel | None, levels: int, what: str
+) -> list[tuple[float, float] | None]:
+    """Normalise ``steps``/``offsets`` to one ``(y, x)`` pair (or None) per level."""
+    if values is None:
+        return [None] * levels
+    if len(values) != levels:
+        raise ValueError(
+            f"{what} needs one entry per level ({levels}), got {len(values)}: {values}"
+        )
+    out: list[tuple[float, float] | None] = []
+    for v in values:
+        if v is None:
+            out.append(None)
+        elif isinstance(v, (int, float)):
+            out.append((float(v), float(v)))
+        elif len(v) == 2:
+            out.append((float(v[0]), float(v[1])))
+        else:
+            raise ValueError(f"{what}: each entry is a number or a (y, x) pair, got {v!r}")
+    return out
+
+
+class AnchorGenerator(ABC):
+    """Base class: subclasses give the box sizes of one cell per level.
+
+    Args:
+        image_size: network input ``(H, W)`` in pixels.
+        steps: distance between cell centres in pixels, one number or ``(y, x)`` pair
+            per level; ``None`` (or a ``None`` entry) uses input size / feature size.
+        offsets: position of the first centre in units of the step, one number or
+            ``(y, x)`` pair per level; ``None`` means 0.5 (the cell centre).
+        clip: ``False`` keeps boxes as they are; ``True`` or ``"ssd_keras"`` clips
+            corners as ssd_keras does (in pixels: below 0 -> 0, at or past the border
+            -> size - 1); ``"unit"`` clamps corners to [0, 1] after normalising.
+    """
+
+    def __init__(
+        self,
+        image_size: Sequence[int],
+        steps: PerLevel | None = None,
+        offsets: PerLevel | None = None,
+        clip: bool | str = False,
+    ) -> None:
+        if len(image_size) != 2 or min(image_size) <= 0:
+            raise ValueError(f"image_size must be (H, W) with positive sides, got {image_size}")
+        if clip not in CLIP_MODES:
+            raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self._steps = steps
+        self._offsets = offsets
+        self.clip = clip
+
+    # -- to be provided by subclasses ---------------------------------------------------
+    @property
+    @abstractmethod
+    def num_levels(self) -> int:
+        """Number of feature-map levels the generator is configured for."""
+
+    @abstractmethod
+    def cell_sizes(self, level: int) -> Tensor:
+        """Box widths and heights ``[n, 2]`` (pixels, float64) of one cell of ``level``."""
+
+    # -- shared -------------------------------------------------------------------------
+    def num_anchors_per_location(self) -> list[int]:
+        """Number of anchors in one cell, per level (sizes the head's predictors)."""
+        return [int(self.cell_sizes(level).shape[0]) for level in range(self.num_levels)]
+
+    def __call__(
+        self,
+        feature_sizes: Sequence[Sequence[int]],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Anchors ``[A, 4]`` cxcywh normalised to the input, order (level, y, x, box).
+
+        ``feature_sizes`` holds ``(h, w)`` of each level's feature map. Computed in
+        float64 and cast to ``dtype`` at the end.
+        """
+        if len(feature_sizes) != self.num_levels:
+            raise ValueError(
+                f"{type(self).__name__} is configured for {self.num_levels} levels, "
+                f"got {len(feature_sizes)} feature sizes: {list(feature_sizes)}"
+            )
+        steps = pair_per_level(self._steps, self.num_levels, "steps")
+        offsets = pair_per_level(self._offsets, self.num_levels, "offsets")
+        levels = [
+            self._level(level, (int(fs[0]), int(fs[1])), steps[level], offsets[level])
+            for level, fs in enumerate(feature_sizes)
+        ]
+        return torch.cat(levels, dim=0).to(device=device, dtype=dtype)
+
+    def _level(
+        self,
+        level: int,
+        feature_size: tuple[int, int],
+        step: tuple[float, float] | None,
+        offset: tuple[float, float] | None,
+    ) -> Tensor:
+        img_h, img_w = self.image_size
+        fh, fw = feature_size
+        step_y, step_x = step if step is not None else (img_h / fh, img_w / fw)
+        off_y, off_x = offset if offset is not None else (0.5, 0.5)
+        f64 = torch.float64
+        cy = (off_y + torch.arange(fh, dtype=f64)) * step_y  # [fh]
+        cx = (off_x + torch.arange(fw, dtype=f64)) * step_x  # [fw]
+        wh = self.cell_sizes(level).to(f64)  # [n, 2]
+        n = wh.shape[0]
+        cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each
+        boxes = torch.stack(
+            (
+                cx_grid[:, :, None].expand(fh, fw, n),
+                cy_grid[:, :, None].expand(fh, fw, n),
+                wh[:, 0].expand(fh, fw, n),
+                wh[:, 1].expand(fh, fw, n),
+            ),
+            dim=-1,
+        )  # [fh, fw, n, 4] cxcywh pixels
+        scale = torch.tensor([img_w, img_h, img_w, img_h], dtype=f64)
+        if not self.clip:
+            # Straight in cxcywh: every anchor of one prior keeps exactly the same w, h.
+            return (boxes / scale).reshape(-1, 4)
+        boxes = convert(boxes, "cxcywh", "xyxy")
+        if self.clip in (True, "ssd_keras"):
+            x, y = boxes[..., 0::2], boxes[..., 1::2]
+            x = torch.where(x >= img_w, img_w - 1.0, x).clamp(min=0)
+            y = torch.where(y >= img_h, img_h - 1.0, y).clamp(min=0)
+            boxes = torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+        boxes = boxes / scale
+        if self.clip == "unit":
+            boxes = boxes.clamp(0.0, 1.0)
+        return convert(boxes, "xyxy", "cxcywh").reshape(-1, 4)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, levels={self.num_levels}, "
+            f"per_location={self.num_anchors_per_location()})"
+        )
