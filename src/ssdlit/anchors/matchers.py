@@ -90,8 +90,9 @@ def greedy_bipartite(iou: Tensor) -> Tensor:
     keys = (bits << 32) | (a - 1 - anchor_ids)  # larger key: higher IoU, then lower index
     keys = keys.masked_fill(iou < 0, -1)
     top_keys, _ = keys.topk(k, dim=2)  # [B, G, k], sorted descending
-    cand_anchor = (a - 1) - (top_keys & 0xFFFFFFFF)  # [B, G, k]
-    cand_iou = torch.gather(iou, 2, cand_anchor.clamp(0, a - 1)).masked_fill(top_keys < 0, -1.0)
+    padded = top_keys < 0
+    cand_anchor = ((a - 1) - (top_keys & 0xFFFFFFFF)).masked_fill(padded, 0)  # [B, G, k]
+    cand_iou = torch.gather(iou, 2, cand_anchor).masked_fill(padded, -1.0)
     matches = torch.full((b, a), BACKGROUND, dtype=torch.long, device=iou.device)
     rows = torch.arange(b, device=iou.device)
     for _ in range(g):
@@ -102,6 +103,7 @@ def greedy_bipartite(iou: Tensor) -> Tensor:
         current = matches[rows, anchor]
         matches[rows, anchor] = torch.where(valid, gt, current)
         taken = (cand_anchor == anchor[:, None, None]) & valid[:, None, None]  # [B, G, k]
+        # (a padded slot may alias anchor 0, but its IoU is already -1)
         taken[rows, gt] |= valid[:, None]
         cand_iou = cand_iou.masked_fill(taken, -1.0)
     return matches
