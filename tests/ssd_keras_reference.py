@@ -109,3 +109,59 @@ def ssd_keras_match(gt_xyxy, anchors_cxcywh, matching="multi", pos=0.5, neg=0.3)
         neutral = (np.max(sim, axis=0) >= neg) & (matches < 0)
         matches[neutral] = -2
     return matches
+
+
+def _greedy_nms(score_boxes, iou_threshold):
+    """score_boxes [n, 5] = (score, x1, y1, x2, y2); repeatedly keep the best, drop IoU > thr."""
+    left = np.array(score_boxes, dtype=np.float64)
+    kept = []
+    while len(left):
+        i = int(np.argmax(left[:, 0]))
+        best = left[i].copy()
+        kept.append(best)
+        left = np.delete(left, i, axis=0)
+        if not len(left):
+            break
+        iw = np.maximum(0, np.minimum(left[:, 3], best[3]) - np.maximum(left[:, 1], best[1]))
+        ih = np.maximum(0, np.minimum(left[:, 4], best[4]) - np.maximum(left[:, 2], best[2]))
+        inter = iw * ih
+        union = (
+            (left[:, 3] - left[:, 1]) * (left[:, 4] - left[:, 2])
+            + (best[3] - best[1]) * (best[4] - best[2])
+            - inter
+        )
+        left = left[inter / union <= iou_threshold]
+    return np.array(kept).reshape(-1, 5)
+
+
+def decode_detections(scores, boxes, conf=0.01, iou=0.45, top_k=200, max_per_class=None):
+    """One image: scores [A, K] (column 0 background), boxes [A, 4] xyxy -> [k, 6] best first."""
+    out = []
+    for c in range(1, scores.shape[1]):
+        hit = scores[:, c] > conf
+        if hit.any():
+            kept = _greedy_nms(np.concatenate([scores[hit, c][:, None], boxes[hit]], 1), iou)
+            if max_per_class is not None:
+                kept = kept[:max_per_class]
+            out.append(np.concatenate([np.full((len(kept), 1), c), kept], 1))
+    if not out:
+        return np.zeros((0, 6))
+    out = np.concatenate(out)
+    out = out[np.argsort(-out[:, 1], kind="stable")]
+    return out[:top_k] if top_k is not None else out
+
+
+def decode_detections_fast(scores, boxes, conf=0.01, iou=0.45, top_k=200):
+    """One image, ssd_keras's fast variant: best class per box, class-agnostic NMS."""
+    label = np.argmax(scores, axis=1)
+    best = scores.max(axis=1)
+    hit = (label != 0) & (best > conf)
+    kept_rows = []
+    left = np.concatenate([label[hit][:, None], best[hit][:, None], boxes[hit]], 1)
+    kept = _greedy_nms(left[:, 1:], iou)
+    for row in kept:  # recover labels by matching score and box
+        match = np.nonzero(np.all(left[:, 1:] == row, axis=1))[0][0]
+        kept_rows.append(left[match])
+    out = np.array(kept_rows).reshape(-1, 6)
+    out = out[np.argsort(-out[:, 1], kind="stable")]
+    return out[:top_k] if top_k is not None else out

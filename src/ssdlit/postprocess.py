@@ -1,0 +1,227 @@
+"""From scores and boxes to detections: confidence threshold, NMS and top-k.
+
+Two post-processors (registry ``postprocess``), both batched over images and
+classes at once (torchvision ``batched_nms`` with image-and-class groups):
+
+- ``per_class`` (:class:`PerClassNMS`): the Caffe SSD / ssd_keras ``decode_detections``
+  rule. For every class c >= 1, the boxes whose class-c score is strictly above
+  ``confidence_thresh`` go through greedy NMS (a box is suppressed when its IoU with
+  a kept box of the same class is strictly above ``iou_threshold``); at most
+  ``nms_max_output_size`` survivors per class; then the ``top_k`` best of the image.
+- ``global`` (:class:`GlobalNMS`): ssd_keras ``decode_detections_fast``. Each box
+  takes its best class over all K (boxes whose best class is the background are
+  dropped), the threshold, one class-agnostic NMS, then ``top_k``.
+
+Early stop: only the ``top_k`` best survivors are kept, and a candidate's fate
+depends only on the candidates scored above it, so NMS runs on the best-scored
+candidates of each image in growing chunks until ``top_k`` survive (or the
+candidates run out). The result is the same as NMS over all candidates; an
+untrained model's 1e5 candidates per image then cost a few thousand.
+
+Input: ``scores`` ``[B, A, K]`` probabilities (column 0 = background) and ``boxes``
+``[B, A, 4]`` xyxy. Output: a list of B tensors ``[k, 6]`` = (label, score, x1, y1,
+x2, y2), best first, in the units of ``boxes`` (or in pixels when ``image_size``
+is given and the boxes are normalised).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from ssdlit.registry import POSTPROCESS
+
+__all__ = ["GlobalNMS", "PerClassNMS", "rank_within_groups"]
+
+
+def rank_within_groups(groups: Tensor) -> Tensor:
+    """Rank ``[N]`` of each element among the earlier elements of its group.
+
+    ``groups`` ``[N]`` holds group ids in priority order (e.g. by decreasing score);
+    the result is 0 for the first element of each group, 1 for the second, ...
+    """
+    if groups.numel() == 0:
+        return groups.clone()
+    order = torch.argsort(groups, stable=True)
+    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)  # [N]
+    ranks = torch.empty_like(groups)
+    ranks[order] = torch.arange(groups.numel(), device=groups.device) - starts
+    return ranks
+
+
+class _NMSBase(ABC):
+    """Shared chunked NMS over flattened candidates."""
+
+    def __init__(
+        self,
+        confidence_thresh: float = 0.01,
+        iou_threshold: float = 0.45,
+        top_k: int | None = 200,
+        nms_max_output_size: int | None = 400,
+        initial_chunk: int = 1024,
+    ) -> None:
+        if not 0 <= confidence_thresh < 1:
+            raise ValueError(f"confidence_thresh must be in [0, 1), got {confidence_thresh}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be positive or None, got {top_k}")
+        self.confidence_thresh = float(confidence_thresh)
+        self.iou_threshold = float(iou_threshold)
+        self.top_k = top_k
+        self.nms_max_output_size = nms_max_output_size
+        self.initial_chunk = int(initial_chunk)
+
+    @abstractmethod
+    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat candidates per image: (score [B, N], box index [B, N], label [B, N])."""
+
+    def __call__(
+        self, scores: Tensor, boxes: Tensor, image_size: Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """Detections per image: list of B tensors ``[k, 6]`` (label, score, x1, y1, x2, y2).
+
+        Args:
+            scores: ``[B, A, K]`` class probabilities, column 0 = background.
+            boxes: ``[B, A, 4]`` xyxy (normalised or pixels).
+            image_size: ``(H, W)``: multiply normalised coordinates by it.
+        """
+        if scores.dim() != 3 or boxes.shape != (*scores.shape[:2], 4):
+            raise ValueError(
+                f"expected scores [B, A, K] and boxes [B, A, 4], got {tuple(scores.shape)} "
+                f"and {tuple(boxes.shape)}"
+            )
+        cand_scores, cand_box, cand_label = self._candidates(scores)
+        if image_size is not None:
+            h, w = image_size
+            boxes = boxes * boxes.new_tensor([w, h, w, h])
+        b, n = cand_scores.shape
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self._run(cand_scores, cand_box, cand_label, boxes, n)  # all candidates
+        want = self.top_k if self.top_k is not None else n
+        passing = (cand_scores > self.confidence_thresh).sum(dim=1).cpu()  # [B]
+        results: list[Tensor] = [cand_scores.new_zeros(0, 6)] * b
+        todo = torch.arange(b)
+        chunk = max(self.initial_chunk, 4 * want)
+        while todo.numel():
+            k = min(chunk, int(passing[todo].max()))
+            if k == 0:
+                break
+            dets = self._run(cand_scores[todo], cand_box[todo], cand_label[todo], boxes[todo], k)
+            done = torch.tensor([len(d) >= want for d in dets]) | (passing[todo] <= k)
+            for j in done.nonzero().flatten().tolist():
+                results[int(todo[j])] = dets[j]
+            todo = todo[~done]
+            chunk *= 4
+        return results
+
+    def _run(self, cs: Tensor, cb: Tensor, cl: Tensor, boxes: Tensor, k: int) -> list[Tensor]:
+        """NMS over the ``k`` best candidates of each image; exact for the survivors."""
+        b = cs.shape[0]
+        vals, pos = cs.topk(k, dim=1)  # [B, k] best first
+        box_idx = cb.gather(1, pos)
+        labels = cl.gather(1, pos)
+        keep_mask = vals > self.confidence_thresh  # [B, k]
+        img = torch.arange(b, device=cs.device)[:, None].expand(b, k)[keep_mask]
+        vals, box_idx, labels = vals[keep_mask], box_idx[keep_mask], labels[keep_mask]
+        cand_boxes = boxes[img, box_idx]  # [M, 4]
+        num_groups = int(labels.max()) + 1 if labels.numel() else 1
+        groups = img * num_groups + self._nms_group(labels)
+        keep = batched_nms(cand_boxes.float(), vals.float(), groups, self.iou_threshold)
+        img, vals, labels, cand_boxes = img[keep], vals[keep], labels[keep], cand_boxes[keep]
+        ok = torch.ones_like(vals, dtype=torch.bool)
+        if self.nms_max_output_size is not None:
+            ok = rank_within_groups(img * num_groups + labels) < self.nms_max_output_size
+        img, vals, labels, cand_boxes = img[ok], vals[ok], labels[ok], cand_boxes[ok]
+        if self.top_k is not None:
+            ok = rank_within_groups(img) < self.top_k
+            img, vals, labels, cand_boxes = img[ok], vals[ok], labels[ok], cand_boxes[ok]
+        order = torch.argsort(img, stable=True)  # per image, best first (keep is score-sorted)
+        out = torch.cat(
+            (
+                labels[order, None].to(vals.dtype),
+                vals[order, None],
+                cand_boxes[order].to(vals.dtype),
+            ),
+            dim=1,
+        )
+        counts = torch.bincount(img, minlength=b)
+        return list(out.split(counts.tolist()))
+
+    def _nms_group(self, labels: Tensor) -> Tensor:
+        return labels
+
+
+@POSTPROCESS.register("per_class")
+class PerClassNMS(_NMSBase):
+    """Per-class NMS as Caffe SSD and ssd_keras's ``decode_detections``.
+
+    Args:
+        confidence_thresh: a class score must be strictly above it (0.01).
+        iou_threshold: suppress when IoU with a kept box of the class is above it (0.45).
+        top_k: best detections kept per image after NMS (200; None keeps all).
+        nms_max_output_size: survivors kept per class and image (400; None: no cap).
+        pre_nms_top_k: optional per-class cap before NMS (Caffe's ``top_k``); off by default.
+    """
+
+    def __init__(
+        self,
+        confidence_thresh: float = 0.01,
+        iou_threshold: float = 0.45,
+        top_k: int | None = 200,
+        nms_max_output_size: int | None = 400,
+        pre_nms_top_k: int | None = None,
+        initial_chunk: int = 1024,
+    ) -> None:
+        super().__init__(
+            confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk
+        )
+        self.pre_nms_top_k = pre_nms_top_k
+
+    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, a, k = scores.shape
+        s = scores[..., 1:]  # [B, A, C]
+        if self.pre_nms_top_k is not None and self.pre_nms_top_k < a:
+            top = s.topk(self.pre_nms_top_k, dim=1).indices  # [B, n, C]
+            in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True)
+            s = s.masked_fill(~in_top, 0.0)
+        flat = s.reshape(b, a * (k - 1))  # index = anchor * C + (label - 1)
+        idx = torch.arange(a * (k - 1), device=scores.device)
+        box = (idx // (k - 1)).expand(b, -1)
+        label = (idx % (k - 1) + 1).expand(b, -1)
+        return flat, box, label
+
+
+@POSTPROCESS.register("global")
+class GlobalNMS(_NMSBase):
+    """Class-agnostic NMS as ssd_keras's ``decode_detections_fast``.
+
+    Each box keeps only its best class over all K; boxes whose best class is the
+    background are dropped; the rest above ``confidence_thresh`` go through one NMS.
+    No per-class cap by default (``nms_max_output_size=None``).
+    """
+
+    def __init__(
+        self,
+        confidence_thresh: float = 0.01,
+        iou_threshold: float = 0.45,
+        top_k: int | None = 200,
+        nms_max_output_size: int | None = None,
+        initial_chunk: int = 1024,
+    ) -> None:
+        super().__init__(
+            confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk
+        )
+
+    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, a, _ = scores.shape
+        best, label = scores.max(dim=2)  # [B, A]
+        best = best.masked_fill(label == 0, 0.0)  # background winners never pass (> thresh >= 0)
+        box = torch.arange(a, device=scores.device).expand(b, -1)
+        return best, box, label
+
+    def _nms_group(self, labels: Tensor) -> Tensor:
+        return torch.zeros_like(labels)
