@@ -31,27 +31,47 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from ssdlit.registry import POSTPROCESS
 
-__all__ = ["GlobalNMS", "PerClassNMS", "rank_within_groups"]
+__all__ = ["GlobalNMS", "PerClassNMS", "grouped_nms", "rank_within_groups"]
 
 
-def rank_within_groups(groups: Tensor) -> Tensor:
+def rank_within_groups(groups: Tensor, num_groups: int | None = None) -> Tensor:
     """Rank ``[N]`` of each element among the earlier elements of its group.
 
     ``groups`` ``[N]`` holds group ids in priority order (e.g. by decreasing score);
     the result is 0 for the first element of each group, 1 for the second, ...
+    While tracing (ONNX export) a one-hot cumulative sum over ``num_groups`` columns
+    is used, which exports; eagerly a stable sort.
     """
     if groups.numel() == 0:
         return groups.clone()
+    if num_groups is not None and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        one_hot = torch.nn.functional.one_hot(groups, num_groups)  # [N, num_groups]
+        return (one_hot.cumsum(0) * one_hot).sum(1) - 1
     order = torch.argsort(groups, stable=True)
     _, counts = torch.unique_consecutive(groups[order], return_counts=True)
     starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)  # [N]
     ranks = torch.empty_like(groups)
     ranks[order] = torch.arange(groups.numel(), device=groups.device) - starts
     return ranks
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within groups: indices of the kept boxes ``[M, 4]`` xyxy, by decreasing score.
+
+    Few boxes: one NMS call on boxes shifted apart per group (no overlap across groups);
+    many boxes: torchvision's ``batched_nms`` (one call per group). The crossover was
+    measured on a CPU: the single call wins up to a few thousand boxes.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    if boxes.shape[0] > 3000 and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        return batched_nms(boxes, scores, groups, iou_threshold)
+    shift = groups.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
+    return nms(boxes + shift[:, None], scores, iou_threshold)
 
 
 class _NMSBase(ABC):
@@ -63,7 +83,7 @@ class _NMSBase(ABC):
         iou_threshold: float = 0.45,
         top_k: int | None = 200,
         nms_max_output_size: int | None = 400,
-        initial_chunk: int = 1024,
+        initial_chunk: int = 256,
     ) -> None:
         if not 0 <= confidence_thresh < 1:
             raise ValueError(f"confidence_thresh must be in [0, 1), got {confidence_thresh}")
@@ -76,8 +96,14 @@ class _NMSBase(ABC):
         self.initial_chunk = int(initial_chunk)
 
     @abstractmethod
-    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Flat candidates per image: (score [B, N], box index [B, N], label [B, N])."""
+    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Flat candidate scores ``[B, N]`` and what :meth:`_locate` needs (or None)."""
+
+    @abstractmethod
+    def _locate(
+        self, img: Tensor, pos: Tensor, extra: Tensor | None, num_labels: int
+    ) -> tuple[Tensor, Tensor]:
+        """Box index and label ``[M]`` of the candidates at flat positions ``pos [M]`` of ``img``."""
 
     def __call__(
         self, scores: Tensor, boxes: Tensor, image_size: Sequence[int] | None = None
@@ -94,62 +120,82 @@ class _NMSBase(ABC):
                 f"expected scores [B, A, K] and boxes [B, A, 4], got {tuple(scores.shape)} "
                 f"and {tuple(boxes.shape)}"
             )
-        cand_scores, cand_box, cand_label = self._candidates(scores)
+        cand_scores, extra = self._candidates(scores)
         if image_size is not None:
             h, w = image_size
             boxes = boxes * boxes.new_tensor([w, h, w, h])
         b, n = cand_scores.shape
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return self._run(cand_scores, cand_box, cand_label, boxes, n)  # all candidates
+        num_labels = scores.shape[2]
         want = self.top_k if self.top_k is not None else n
         passing = (cand_scores > self.confidence_thresh).sum(dim=1).cpu()  # [B]
         results: list[Tensor] = [cand_scores.new_zeros(0, 6)] * b
         todo = torch.arange(b)
-        chunk = max(self.initial_chunk, 4 * want)
+        chunk = max(self.initial_chunk, 4 * want) if self.top_k is not None else n
         while todo.numel():
             k = min(chunk, int(passing[todo].max()))
             if k == 0:
                 break
-            dets = self._run(cand_scores[todo], cand_box[todo], cand_label[todo], boxes[todo], k)
-            done = torch.tensor([len(d) >= want for d in dets]) | (passing[todo] <= k)
+            sub = todo.to(scores.device)
+            part = None if extra is None else extra[sub]
+            everything = k >= int(passing[todo].max())
+            img, out = self._run(
+                cand_scores[sub], part, boxes[sub], None if everything else k, num_labels
+            )
+            order = torch.argsort(img, stable=True)  # per image, best first
+            counts = torch.bincount(img, minlength=len(todo))
+            dets = out[order].split(counts.tolist())
+            done = (counts.cpu() >= want) | (passing[todo] <= k)
             for j in done.nonzero().flatten().tolist():
                 results[int(todo[j])] = dets[j]
             todo = todo[~done]
             chunk *= 4
         return results
 
-    def _run(self, cs: Tensor, cb: Tensor, cl: Tensor, boxes: Tensor, k: int) -> list[Tensor]:
-        """NMS over the ``k`` best candidates of each image; exact for the survivors."""
+    def flat(self, scores: Tensor, boxes: Tensor) -> Tensor:
+        """All detections of the batch as one tensor ``[N, 7]`` (image, label, score, box).
+
+        Sorted by score, not grouped by image. Traceable: this is the path that ONNX
+        export records (NMS on every candidate, no early stop; same result).
+        """
+        cand_scores, extra = self._candidates(scores)
+        img, out = self._run(cand_scores, extra, boxes, None, scores.shape[2])
+        return torch.cat((img[:, None].to(out.dtype), out), dim=1)
+
+    def _run(
+        self, cs: Tensor, extra: Tensor | None, boxes: Tensor, k: int | None, num_labels: int
+    ) -> tuple[Tensor, Tensor]:
+        """NMS over the ``k`` best candidates of each image (``None``: all that pass).
+
+        Exact for the survivors. Returns the image index ``[M]`` and detections
+        ``[M, 6]``, sorted by score.
+        """
         b = cs.shape[0]
-        vals, pos = cs.topk(k, dim=1)  # [B, k] best first
-        box_idx = cb.gather(1, pos)
-        labels = cl.gather(1, pos)
-        keep_mask = vals > self.confidence_thresh  # [B, k]
-        img = torch.arange(b, device=cs.device)[:, None].expand(b, k)[keep_mask]
-        vals, box_idx, labels = vals[keep_mask], box_idx[keep_mask], labels[keep_mask]
+        if k is None:  # every candidate above the threshold
+            img, pos = (cs > self.confidence_thresh).nonzero(as_tuple=True)  # [M] each
+            vals = cs[img, pos]
+        else:
+            vals, pos = cs.topk(k, dim=1)  # [B, k] best first
+            passing = vals > self.confidence_thresh  # [B, k]
+            img = torch.arange(b, device=cs.device)[:, None].expand(b, k)[passing]
+            vals, pos = vals[passing], pos[passing]
+        box_idx, labels = self._locate(img, pos, extra, num_labels)
         cand_boxes = boxes[img, box_idx]  # [M, 4]
-        num_groups = int(labels.max()) + 1 if labels.numel() else 1
-        groups = img * num_groups + self._nms_group(labels)
-        keep = batched_nms(cand_boxes.float(), vals.float(), groups, self.iou_threshold)
+        groups = img * num_labels + self._nms_group(labels)
+        keep = grouped_nms(cand_boxes.float(), vals.float(), groups, self.iou_threshold)
         img, vals, labels, cand_boxes = img[keep], vals[keep], labels[keep], cand_boxes[keep]
-        ok = torch.ones_like(vals, dtype=torch.bool)
-        if self.nms_max_output_size is not None:
-            ok = rank_within_groups(img * num_groups + labels) < self.nms_max_output_size
-        img, vals, labels, cand_boxes = img[ok], vals[ok], labels[ok], cand_boxes[ok]
-        if self.top_k is not None:
-            ok = rank_within_groups(img) < self.top_k
+        # The per-class cap can only bite when top_k exceeds it: a survivor ranked past the
+        # cap in its class has `cap` better survivors in the image already.
+        cap = self.nms_max_output_size
+        if cap is not None and (self.top_k is None or self.top_k > cap):
+            ok = rank_within_groups(img * num_labels + labels, b * num_labels) < cap
             img, vals, labels, cand_boxes = img[ok], vals[ok], labels[ok], cand_boxes[ok]
-        order = torch.argsort(img, stable=True)  # per image, best first (keep is score-sorted)
+        if self.top_k is not None:
+            ok = rank_within_groups(img, b) < self.top_k
+            img, vals, labels, cand_boxes = img[ok], vals[ok], labels[ok], cand_boxes[ok]
         out = torch.cat(
-            (
-                labels[order, None].to(vals.dtype),
-                vals[order, None],
-                cand_boxes[order].to(vals.dtype),
-            ),
-            dim=1,
+            (labels[:, None].to(vals.dtype), vals[:, None], cand_boxes.to(vals.dtype)), dim=1
         )
-        counts = torch.bincount(img, minlength=b)
-        return list(out.split(counts.tolist()))
+        return img, out
 
     def _nms_group(self, labels: Tensor) -> Tensor:
         return labels
@@ -174,25 +220,27 @@ class PerClassNMS(_NMSBase):
         top_k: int | None = 200,
         nms_max_output_size: int | None = 400,
         pre_nms_top_k: int | None = None,
-        initial_chunk: int = 1024,
+        initial_chunk: int = 256,
     ) -> None:
         super().__init__(
             confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk
         )
         self.pre_nms_top_k = pre_nms_top_k
 
-    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor | None]:
         b, a, k = scores.shape
         s = scores[..., 1:]  # [B, A, C]
         if self.pre_nms_top_k is not None and self.pre_nms_top_k < a:
             top = s.topk(self.pre_nms_top_k, dim=1).indices  # [B, n, C]
             in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True)
             s = s.masked_fill(~in_top, 0.0)
-        flat = s.reshape(b, a * (k - 1))  # index = anchor * C + (label - 1)
-        idx = torch.arange(a * (k - 1), device=scores.device)
-        box = (idx // (k - 1)).expand(b, -1)
-        label = (idx % (k - 1) + 1).expand(b, -1)
-        return flat, box, label
+        return s.reshape(b, a * (k - 1)), None  # flat index = anchor * C + (label - 1)
+
+    def _locate(
+        self, img: Tensor, pos: Tensor, extra: Tensor | None, num_labels: int
+    ) -> tuple[Tensor, Tensor]:
+        c = num_labels - 1
+        return pos // c, pos % c + 1
 
 
 @POSTPROCESS.register("global")
@@ -210,18 +258,22 @@ class GlobalNMS(_NMSBase):
         iou_threshold: float = 0.45,
         top_k: int | None = 200,
         nms_max_output_size: int | None = None,
-        initial_chunk: int = 1024,
+        initial_chunk: int = 256,
     ) -> None:
         super().__init__(
             confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk
         )
 
-    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, a, _ = scores.shape
+    def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor | None]:
         best, label = scores.max(dim=2)  # [B, A]
         best = best.masked_fill(label == 0, 0.0)  # background winners never pass (> thresh >= 0)
-        box = torch.arange(a, device=scores.device).expand(b, -1)
-        return best, box, label
+        return best, label
+
+    def _locate(
+        self, img: Tensor, pos: Tensor, extra: Tensor | None, num_labels: int
+    ) -> tuple[Tensor, Tensor]:
+        assert extra is not None  # the best label of every box, [B, A]
+        return pos, extra[img, pos]
 
     def _nms_group(self, labels: Tensor) -> Tensor:
         return torch.zeros_like(labels)

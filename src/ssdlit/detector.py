@@ -1,0 +1,205 @@
+"""The detector as a plain ``nn.Module``: backbone, anchors, head, post-processing.
+
+Usable without Lightning::
+
+    det = Detector.build(num_classes=20, image_size=(300, 300),
+                         backbone={"name": "vgg16_ssd300"}, anchors={"name": "ssd", ...},
+                         head={"name": "ssd"}, matcher={"name": "ssd"},
+                         postprocess={"name": "per_class"})
+    detections = det(images)        # list of [k, 6] (label, score, x1, y1, x2, y2), normalised
+    outputs = det.raw(images)       # the head's raw outputs (cls_logits, box_deltas, ...)
+    losses = det.loss(outputs, gt_boxes, gt_labels, gt_mask)
+
+Everything derivable is derived once: the feature sizes from one dry run of the
+backbone, the anchors from them (a non-persistent buffer), the head's input
+channels from the backbone and its anchors per location from the generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssdlit.boxes import convert
+from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS
+
+__all__ = ["Detector", "ExportWrapper", "build_component"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_component(registry, spec: Mapping[str, Any] | None, **derived: Any) -> Any:
+    """Build ``{name: ..., **kwargs}`` from ``registry``, adding the derived keywords.
+
+    A derived keyword that the config also sets is an error: nothing is configured twice.
+    """
+    if spec is None:
+        raise ValueError(f"a {registry.kind} needs a config with a 'name'")
+    kwargs = dict(spec)
+    name = kwargs.pop("name", None)
+    if name is None:
+        raise ValueError(f"{registry.kind} config {dict(spec)} has no 'name'")
+    twice = sorted(set(kwargs) & set(derived))
+    if twice:
+        raise ValueError(
+            f"{registry.kind} {name!r}: {', '.join(twice)} are derived from the other parts "
+            "and must not be set in its config"
+        )
+    return registry.build(name, **kwargs, **derived)
+
+
+class Detector(nn.Module):
+    """Backbone + anchors + head + post-processing (+ matcher for the loss).
+
+    Args:
+        backbone: a backbone module (``out_channels``, optional ``mean``/``std``).
+        anchor_generator: an :class:`~ssdlit.anchors.AnchorGenerator` for ``image_size``.
+        head: a head module following the contract in docs/ARCHITECTURE.md.
+        postprocess: a post-processor (``scores [B,A,K], boxes [B,A,4] -> list[[k, 6]]``).
+        image_size: network input ``(H, W)``.
+        matcher: optional matcher; needed by :meth:`loss`.
+        clip_boxes: clamp decoded boxes to the image before NMS.
+    """
+
+    anchors: Tensor
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        anchor_generator: Any,
+        head: nn.Module,
+        postprocess: Any,
+        image_size: Sequence[int],
+        matcher: Any = None,
+        clip_boxes: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.postprocess = postprocess
+        self.matcher = matcher
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.clip_boxes = clip_boxes
+        mean = getattr(backbone, "mean", IMAGENET_MEAN)
+        std = getattr(backbone, "std", IMAGENET_STD)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.feature_sizes = self._probe_feature_sizes()
+        anchors = anchor_generator(self.feature_sizes)
+        self.register_buffer("anchors", anchors, persistent=False)
+
+    @classmethod
+    def build(
+        cls,
+        num_classes: int,
+        image_size: Sequence[int],
+        backbone: Mapping[str, Any],
+        anchors: Mapping[str, Any],
+        head: Mapping[str, Any],
+        postprocess: Mapping[str, Any] | None = None,
+        matcher: Mapping[str, Any] | None = None,
+        clip_boxes: bool = True,
+    ) -> Detector:
+        """Build every part from ``{name: ..., **kwargs}`` specs, deriving the rest.
+
+        ``image_size`` goes to the anchor generator, ``out_channels`` of the backbone
+        and ``num_anchors_per_location()`` of the generator go to the head together
+        with ``num_classes`` (object classes, without background).
+        """
+        size = (int(image_size[0]), int(image_size[1]))
+        bb = build_component(BACKBONES, backbone)
+        gen = build_component(ANCHORS, anchors, image_size=size)
+        hd = build_component(
+            HEADS,
+            head,
+            in_channels=list(bb.out_channels),
+            num_anchors=gen.num_anchors_per_location(),
+            num_classes=int(num_classes),
+        )
+        pp = build_component(POSTPROCESS, postprocess or {"name": "per_class"})
+        mt = build_component(MATCHERS, matcher) if matcher is not None else None
+        return cls(bb, gen, hd, pp, size, matcher=mt, clip_boxes=clip_boxes)
+
+    @torch.no_grad()
+    def _probe_feature_sizes(self) -> list[tuple[int, int]]:
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            feats = self.backbone(torch.zeros(1, 3, *self.image_size))
+        finally:
+            self.backbone.train(was_training)
+        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+        expected = self.anchor_generator.num_levels
+        if len(sizes) != expected:
+            raise ValueError(
+                f"the backbone gives {len(sizes)} feature maps {sizes} but the anchor generator "
+                f"is configured for {expected} levels"
+            )
+        return sizes
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` uint8 or float in 0..255 -> the backbone's normalised float input."""
+        if images.shape[-2:] != self.image_size:
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])} but the detector was built for "
+                f"{self.image_size}; resize them (the data pipeline does)"
+            )
+        x = images.to(self.pixel_mean.dtype)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def raw(self, images: Tensor) -> dict[str, Tensor]:
+        """The head's raw outputs for ``images`` ``[B, 3, H, W]`` (``cls_logits``, ``box_deltas``, ...)."""
+        return self.head(self.backbone(self.normalize(images)))
+
+    def decode(self, outputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``scores [B, A, C+1]`` and boxes ``[B, A, 4]`` xyxy normalised from raw outputs."""
+        scores = self.head.scores(outputs)
+        boxes = convert(self.head.decode_boxes(outputs, self.anchors), "cxcywh", "xyxy")
+        if self.clip_boxes:
+            boxes = boxes.clamp(0.0, 1.0)
+        return scores, boxes
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """Detections per image: list of ``[k, 6]`` (label, score, x1, y1, x2, y2) normalised."""
+        scores, boxes = self.decode(self.raw(images))
+        return self.postprocess(scores, boxes)
+
+    def loss(
+        self, outputs: Mapping[str, Tensor], gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """Match the batch to the anchors and return the head's named losses (total in ``loss``).
+
+        Args:
+            outputs: from :meth:`raw`.
+            gt_boxes: ``[B, G, 4]`` xyxy normalised; gt_labels ``[B, G]`` (1..C);
+            gt_mask: ``[B, G]`` bool (False on padding).
+        """
+        if self.matcher is None:
+            raise RuntimeError("this Detector was built without a matcher; pass matcher=...")
+        matches = self.matcher(gt_boxes, gt_mask, self.anchors.to(gt_boxes.dtype))
+        return self.head.loss(outputs, matches, gt_boxes, gt_labels, self.anchors)
+
+
+class ExportWrapper(nn.Module):
+    """The inference path as one traceable graph: uint8 images in, detections out.
+
+    ``forward(images [B, 3, H, W] uint8) -> [N, 7]`` = (image index, label, score, x1,
+    y1, x2, y2) in input pixels, sorted by score; decoding and NMS are inside the graph.
+    """
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> Tensor:
+        scores, boxes = self.detector.decode(self.detector.raw(images))
+        h, w = self.detector.image_size
+        boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+        return self.detector.postprocess.flat(scores, boxes)
