@@ -89,8 +89,12 @@ class Detector(nn.Module):
         self.clip_boxes = clip_boxes
         mean = getattr(backbone, "mean", IMAGENET_MEAN)
         std = getattr(backbone, "std", IMAGENET_STD)
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
         self.feature_sizes = self._probe_feature_sizes()
         anchors = anchor_generator(self.feature_sizes)
         self.register_buffer("anchors", anchors, persistent=False)

@@ -42,7 +42,9 @@ def export_onnx(
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError('ONNX export needs the onnx package: pip install "ssdlit[export]"') from exc
+        raise RuntimeError(
+            'ONNX export needs the onnx package: pip install "ssdlit[export]"'
+        ) from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(detector).eval()
