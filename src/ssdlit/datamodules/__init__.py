@@ -1,0 +1,36 @@
+"""Data: annotation sources (VOC, CSV, COCO, synthetic) parsed into validated records.
+
+Importing this package registers the sources in :data:`ssdlit.registry.DATASETS`
+(``voc``, ``csv``, ``coco``, ``synthetic``). Every source is built with keyword
+arguments only and exposes ``records`` (:class:`Record`), ``class_names`` and ``report``
+(:class:`DataReport`).
+"""
+
+from ssdlit.datamodules.coco import COCOSource
+from ssdlit.datamodules.csv_source import DEFAULT_COLUMNS, SSD_KERAS_COLUMNS, CSVSource
+from ssdlit.datamodules.images import ImageHeader, image_size, load_rgb, read_header
+from ssdlit.datamodules.records import DataError, Record, Source
+from ssdlit.datamodules.synthetic import SyntheticSource, write_synthetic_voc
+from ssdlit.datamodules.validation import DataReport, Problem, Validator
+from ssdlit.datamodules.voc import VOC_CLASSES, VOCSource
+
+__all__ = [
+    "DEFAULT_COLUMNS",
+    "SSD_KERAS_COLUMNS",
+    "VOC_CLASSES",
+    "COCOSource",
+    "CSVSource",
+    "DataError",
+    "DataReport",
+    "ImageHeader",
+    "Problem",
+    "Record",
+    "Source",
+    "SyntheticSource",
+    "VOCSource",
+    "Validator",
+    "image_size",
+    "load_rgb",
+    "read_header",
+    "write_synthetic_voc",
+]
