@@ -1,0 +1,236 @@
+"""Loss pieces shared by the heads: target gathering and the SSD MultiBox loss.
+
+Everything here works on the whole batch at once; there is no loop over images.
+``matches [B, A]`` comes from a matcher: gt index (>= 0), ``BACKGROUND`` (-1) or
+``IGNORE`` (-2, enters no term).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ssdlit.anchors.matchers import BACKGROUND
+from ssdlit.boxes import BoxCoder, convert
+
+__all__ = [
+    "MINING_MODES",
+    "MultiBoxLoss",
+    "encode_targets",
+    "gather_targets",
+    "hard_negative_mask",
+    "multibox_loss",
+]
+
+MINING_MODES = ("per_image", "per_batch")
+
+
+def gather_targets(matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The ground truth of each anchor.
+
+    Args:
+        matches: ``[B, A]`` long (gt index, -1 background, -2 ignored).
+        gt_boxes: ``[B, G, 4]`` xyxy normalised (G may be 0).
+        gt_labels: ``[B, G]`` int64 in 1..C.
+    Returns:
+        ``labels [B, A]`` int64: the matched gt's label for positives, 0 (background)
+        for every other anchor (ignored ones included: mask them yourself), and
+        ``boxes [B, A, 4]`` xyxy: the matched gt box (for non-positives: gt slot 0 or zeros,
+        meaningless).
+    """
+    b, a = matches.shape
+    if gt_boxes.shape[1] == 0:  # no slot to gather from: nothing can be positive
+        gt_boxes = gt_boxes.new_zeros(b, 1, 4)
+        gt_labels = gt_labels.new_zeros(b, 1)
+    idx = matches.clamp(min=0)  # [B, A]
+    boxes = gt_boxes.gather(1, idx[..., None].expand(b, a, 4))  # [B, A, 4]
+    labels = gt_labels.gather(1, idx)  # [B, A]
+    labels = torch.where(matches >= 0, labels, torch.zeros_like(labels))
+    return labels.long(), boxes
+
+
+def encode_targets(
+    coder: BoxCoder, matched_xyxy: Tensor, anchors: Tensor, positive: Tensor
+) -> Tensor:
+    """Regression targets ``[B, A, 4]``: ``coder.encode`` of each positive's gt against its anchor.
+
+    Non-positive anchors get zeros (their gt is replaced by the anchor itself before
+    encoding, so no ``log(0)`` reaches the graph). ``matched_xyxy [B, A, 4]``, ``anchors
+    [A, 4]`` cxcywh, ``positive [B, A]`` bool.
+    """
+    anchors = anchors.to(matched_xyxy.dtype)
+    gt = convert(matched_xyxy, "xyxy", "cxcywh")  # [B, A, 4]
+    gt = torch.where(positive[..., None], gt, anchors.expand_as(gt))
+    return coder.encode(gt, anchors)
+
+
+def hard_negative_mask(
+    cls_loss: Tensor,
+    matches: Tensor,
+    neg_pos_ratio: float = 3.0,
+    n_neg_min: int = 0,
+    mining: str = "per_image",
+) -> Tensor:
+    """Which background anchors the classification loss keeps: the hardest ones.
+
+    The budget is ``floor(neg_pos_ratio * positives)``, raised to at least ``n_neg_min``
+    and capped by the number of background anchors (``matches == -1``) whose loss is
+    non-zero; the budget's worth of highest-loss background anchors is kept (ties: lower
+    anchor index first). Ignored anchors (-2) are never kept.
+
+    - ``mining="per_image"`` (SSD paper, torchvision): positives, ``n_neg_min`` and the
+      budget are counted per image; each image keeps its own hardest negatives.
+    - ``mining="per_batch"`` (ssd_keras): positives, ``n_neg_min`` and the budget are
+      counted over the whole batch; the hardest negatives of the whole batch are kept.
+
+    Args:
+        cls_loss: ``[B, A]`` per-anchor classification loss (detached here).
+        matches: ``[B, A]`` long.
+    Returns:
+        ``[B, A]`` bool mask of the kept negatives.
+    """
+    if mining not in MINING_MODES:
+        raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
+    shape = matches.shape
+    loss = cls_loss.detach()
+    if mining == "per_batch":  # the batch is one long image
+        loss, matches = loss.reshape(1, -1), matches.reshape(1, -1)
+    num_pos = (matches >= 0).sum(dim=1)  # [R]
+    candidates = (matches == BACKGROUND) & (loss > 0)  # [R, N]
+    budget = torch.floor(num_pos.to(loss.dtype) * neg_pos_ratio).long()
+    budget = budget.clamp(min=int(n_neg_min)).minimum(candidates.sum(dim=1))  # [R]
+    ranked = loss.masked_fill(~candidates, -1.0)  # losses are >= 0: non-candidates go last
+    order = ranked.argsort(dim=1, descending=True, stable=True)  # [R, N]
+    rank = torch.arange(ranked.shape[1], device=ranked.device)  # [N]
+    keep_sorted = rank[None, :] < budget[:, None]  # [R, N], in sorted order
+    keep = torch.zeros_like(candidates).scatter(1, order, keep_sorted)
+    return keep.reshape(shape)
+
+
+def multibox_loss(
+    cls_logits: Tensor,
+    box_deltas: Tensor,
+    matches: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    anchors: Tensor,
+    coder: BoxCoder,
+    *,
+    neg_pos_ratio: float = 3.0,
+    n_neg_min: int = 0,
+    alpha: float = 1.0,
+    mining: str = "per_image",
+) -> dict[str, Tensor]:
+    """The SSD MultiBox loss with hard negative mining.
+
+    - classification: softmax cross-entropy over the K = C + 1 columns (0 = background)
+      on the positives and on the negatives chosen by :func:`hard_negative_mask`;
+    - localisation: smooth-L1 (beta 1), summed over the 4 numbers, between the
+      positives' ``box_deltas`` and ``coder.encode(matched gt, anchor)``;
+    - ignored anchors (-2) enter neither term.
+
+    Both terms are divided by N = max(1, positives in the batch); the total is
+    ``loss_cls + alpha * loss_box``.
+
+    Args:
+        cls_logits: ``[B, A, K]``.
+        box_deltas: ``[B, A, 4]``.
+        matches: ``[B, A]`` long.
+        gt_boxes: ``[B, G, 4]`` xyxy normalised.
+        gt_labels: ``[B, G]`` int64 in 1..C.
+        anchors: ``[A, 4]`` cxcywh normalised.
+        coder: the head's :class:`~ssdlit.boxes.BoxCoder`.
+    Returns:
+        ``{"loss", "loss_cls", "loss_box"}`` scalars (float32 or wider).
+    """
+    b, a, k = cls_logits.shape
+    if matches.shape != (b, a) or box_deltas.shape != (b, a, 4):
+        raise ValueError(
+            f"shapes disagree: cls_logits {tuple(cls_logits.shape)}, box_deltas "
+            f"{tuple(box_deltas.shape)}, matches {tuple(matches.shape)}"
+        )
+    if anchors.shape != (a, 4):
+        raise ValueError(f"anchors must be [{a}, 4], got {tuple(anchors.shape)}")
+    dtype = torch.promote_types(cls_logits.dtype, torch.float32)
+    positive = matches >= 0  # [B, A]
+    labels, matched = gather_targets(matches, gt_boxes, gt_labels)
+
+    ce = F.cross_entropy(
+        cls_logits.to(dtype).reshape(b * a, k), labels.reshape(b * a), reduction="none"
+    ).reshape(b, a)
+    negative = hard_negative_mask(ce, matches, neg_pos_ratio, n_neg_min, mining)
+    cls_sum = (ce * (positive | negative)).sum()
+
+    anchors = anchors.to(device=cls_logits.device, dtype=dtype)
+    targets = encode_targets(coder, matched.to(dtype), anchors, positive)
+    loc = F.smooth_l1_loss(box_deltas.to(dtype), targets, beta=1.0, reduction="none").sum(-1)
+    loc_sum = (loc * positive).sum()
+
+    n = positive.sum().clamp(min=1).to(dtype)
+    loss_cls, loss_box = cls_sum / n, loc_sum / n
+    return {"loss": loss_cls + alpha * loss_box, "loss_cls": loss_cls, "loss_box": loss_box}
+
+
+class MultiBoxLoss:
+    """:func:`multibox_loss` with its options fixed: ``criterion(cls_logits, box_deltas,
+    matches, gt_boxes, gt_labels, anchors) -> {"loss", "loss_cls", "loss_box"}``.
+
+    Args:
+        variances: the :class:`~ssdlit.boxes.BoxCoder` variances (ignored when ``coder`` is given).
+        neg_pos_ratio: negatives kept per positive (3 in the paper).
+        n_neg_min: least number of negatives kept (per image or per batch, see ``mining``).
+        alpha: weight of the localisation term.
+        mining: ``"per_image"`` or ``"per_batch"`` (see :func:`hard_negative_mask`).
+        coder: a ready :class:`~ssdlit.boxes.BoxCoder` to share with the head.
+    """
+
+    def __init__(
+        self,
+        variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        neg_pos_ratio: float = 3.0,
+        n_neg_min: int = 0,
+        alpha: float = 1.0,
+        mining: str = "per_image",
+        coder: BoxCoder | None = None,
+    ) -> None:
+        if mining not in MINING_MODES:
+            raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
+        if neg_pos_ratio < 0 or n_neg_min < 0:
+            raise ValueError("neg_pos_ratio and n_neg_min must be non-negative")
+        self.coder = coder if coder is not None else BoxCoder(variances)
+        self.neg_pos_ratio = float(neg_pos_ratio)
+        self.n_neg_min = int(n_neg_min)
+        self.alpha = float(alpha)
+        self.mining = mining
+
+    def __call__(
+        self,
+        cls_logits: Tensor,
+        box_deltas: Tensor,
+        matches: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        anchors: Tensor,
+    ) -> dict[str, Tensor]:
+        return multibox_loss(
+            cls_logits,
+            box_deltas,
+            matches,
+            gt_boxes,
+            gt_labels,
+            anchors,
+            self.coder,
+            neg_pos_ratio=self.neg_pos_ratio,
+            n_neg_min=self.n_neg_min,
+            alpha=self.alpha,
+            mining=self.mining,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiBoxLoss(neg_pos_ratio={self.neg_pos_ratio}, n_neg_min={self.n_neg_min}, "
+            f"alpha={self.alpha}, mining={self.mining!r}, coder={self.coder})"
+        )

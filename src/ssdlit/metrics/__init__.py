@@ -1,0 +1,5 @@
+"""Detection metrics: Pascal VOC AP (devkit-exact) and COCO mAP via torchmetrics."""
+
+from ssdlit.metrics.voc import VOCMeanAP, average_precision, voc_iou
+
+__all__ = ["VOCMeanAP", "average_precision", "voc_iou"]

@@ -1,0 +1,771 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ssdlit.heads  # noqa: F401  (registers the heads)
+from ssdlit.anchors import (
+    BACKGROUND,
+    IGNORE,
+    FasterRCNNMatcher,
+    RetinaAnchorGenerator,
+    SSDAnchorGenerator,
+    SSDMatcher,
+    YoloAnchorGenerator,
+    YOLOv3Matcher,
+)
+from ssdlit.boxes import BoxCoder, convert
+from ssdlit.heads import (
+    DetectionHead,
+    RetinaHead,
+    SSDHead,
+    SSDLiteHead,
+    YoloHead,
+    hard_negative_mask,
+    multibox_loss,
+)
+from ssdlit.registry import HEADS
+
+HEAD_NAMES = ["ssd", "ssdlite", "retina", "yolo"]
+C = 3  # object classes
+SIZES = [(4, 4), (2, 2)]
+IN_CHANNELS = [8, 16]
+# the shared retina predictors need one anchor count on every level
+NUM_ANCHORS = {"ssd": [4, 6], "ssdlite": [4, 6], "retina": [6, 6], "yolo": [4, 6]}
+SMALL = {"retina": {"channels": 16}, "yolo": {"hidden_channels": 8}}
+
+
+def build(name: str, num_anchors=None, in_channels=IN_CHANNELS, **kwargs) -> DetectionHead:
+    options = {**SMALL.get(name, {}), **kwargs}
+    return HEADS.build(
+        name,
+        in_channels=in_channels,
+        num_anchors=num_anchors or NUM_ANCHORS[name],
+        num_classes=C,
+        **options,
+    )
+
+
+def features(
+    batch: int = 2, sizes=SIZES, channels=IN_CHANNELS, seed: int = 0
+) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, c, h, w, generator=g) for c, (h, w) in zip(channels, sizes, strict=True)
+    ]
+
+
+def num_anchors_total(name: str) -> int:
+    return sum(n * h * w for n, (h, w) in zip(NUM_ANCHORS[name], SIZES, strict=True))
+
+
+def random_anchors(a: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.rand(a, 2, generator=g) * 0.8 + 0.1
+    size = torch.rand(a, 2, generator=g) * 0.3 + 0.05
+    return torch.cat((centre, size), dim=1)
+
+
+def random_targets(b: int, a: int, g_max: int = 3, seed: int = 0):
+    """Random padded gt (xyxy, labels 1..C, 0 on padding) and matches that use them."""
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(b, g_max, 2, generator=gen) * 0.5
+    wh = torch.rand(b, g_max, 2, generator=gen) * 0.4 + 0.05
+    boxes = torch.cat((xy, xy + wh), dim=-1)
+    labels = torch.randint(1, C + 1, (b, g_max), generator=gen)
+    counts = [g_max, 1, 0][:b] + [g_max] * max(0, b - 3)
+    matches = torch.empty(b, a, dtype=torch.long)
+    for i, n in enumerate(counts):
+        labels[i, n:] = 0
+        boxes[i, n:] = 0.0
+        matches[i] = torch.randint(-2, n, (a,), generator=gen)  # -2, -1 or a real gt
+    return boxes, labels, matches
+
+
+# -- construction, shapes, scores ------------------------------------------------------
+
+
+def test_registered_names():
+    assert set(HEAD_NAMES) <= set(HEADS.names())
+    assert HEADS.get("ssd") is SSDHead and HEADS.get("ssdlite") is SSDLiteHead
+    assert HEADS.get("retina") is RetinaHead and HEADS.get("yolo") is YoloHead
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_output_shapes_scores_and_boxes(name):
+    head = build(name)
+    assert isinstance(head, DetectionHead)
+    out = head(features())
+    a = num_anchors_total(name)
+    assert a == (4 * 16 + 6 * 4 if name != "retina" else 6 * 16 + 6 * 4)
+    k = {"ssd": C + 1, "ssdlite": C + 1, "retina": C, "yolo": 1 + C}[name]
+    assert out["cls_logits"].shape == (2, a, k)
+    assert out["box_deltas"].shape == (2, a, 4)
+    scores = head.scores(out)
+    assert scores.shape == (2, a, C + 1)
+    assert scores.min() >= 0 and scores.max() <= 1
+    if name in ("ssd", "ssdlite"):
+        torch.testing.assert_close(scores.sum(-1), torch.ones(2, a))
+    if name == "retina":
+        assert (scores[..., 0] == 0).all()
+        torch.testing.assert_close(scores[..., 1:], out["cls_logits"].sigmoid())
+    if name == "yolo":
+        obj = out["cls_logits"][..., 0].sigmoid()
+        torch.testing.assert_close(scores[..., 0], 1 - obj)
+        torch.testing.assert_close(
+            scores[..., 1:], obj[..., None] * out["cls_logits"][..., 1:].sigmoid()
+        )
+        assert out["cell_wh"].shape == (a, 2)
+    boxes = head.decode_boxes(out, random_anchors(a))
+    assert boxes.shape == (2, a, 4) and torch.isfinite(boxes).all()
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="one entry per level"):
+        build("ssd", num_anchors=[4])
+    with pytest.raises(ValueError, match="same"):
+        build("retina", num_anchors=[4, 6])
+    with pytest.raises(ValueError, match="num_classes"):
+        HEADS.build("ssd", in_channels=[8], num_anchors=[4], num_classes=0)
+    with pytest.raises(ValueError, match="mining"):
+        build("ssd", mining="per_epoch")
+    head = build("ssd")
+    with pytest.raises(ValueError, match="levels"):
+        head(features()[:1])
+    with pytest.raises(ValueError, match="level 1"):
+        head([features()[0], torch.randn(2, 3, 2, 2)])
+
+
+def test_anchor_count_matches_generators():
+    image = (64, 64)
+    gens = {
+        "ssd": SSDAnchorGenerator(
+            image_size=image,
+            aspect_ratios=[[1, 2, 0.5], [1, 2, 0.5, 3, 1 / 3]],
+            scales=[0.2, 0.4, 0.7],
+        ),
+        "retina": RetinaAnchorGenerator(image_size=image, sizes=(12, 24), strides=(16, 32)),
+        "yolo": YoloAnchorGenerator(
+            image_size=image,
+            priors=(((8, 8), (12, 20)), ((24, 24), (40, 32), (32, 48))),
+            strides=(16, 32),
+        ),
+    }
+    gens["ssdlite"] = gens["ssd"]
+    for name, gen in gens.items():
+        head = build(name, num_anchors=gen.num_anchors_per_location())
+        out = head(features())
+        assert out["cls_logits"].shape[1] == gen(SIZES).shape[0], name
+
+
+def test_ssdlite_is_depthwise_separable():
+    head = build("ssdlite")
+    block = head.cls_predictors[1]
+    dw, bn, act, pw = block
+    assert dw.groups == dw.in_channels == dw.out_channels == 16 and dw.kernel_size == (3, 3)
+    assert isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.ReLU6)
+    assert pw.kernel_size == (1, 1) and pw.out_channels == 6 * (C + 1)
+
+
+def test_initialisation():
+    ssd = build("ssd")
+    for conv in [*ssd.cls_predictors, *ssd.box_predictors]:
+        assert conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+        assert (conv.bias == 0).all()
+    retina = build("retina")
+    prior = -math.log((1 - 0.01) / 0.01)
+    torch.testing.assert_close(retina.cls_predictor.bias, torch.full((6 * C,), prior))
+    assert (retina.box_predictor.bias == 0).all()
+    # a fresh retina head says "1 %" for every class
+    scores = retina.scores(retina(features()))
+    torch.testing.assert_close(scores[..., 1:].mean(), torch.tensor(0.01), atol=2e-3, rtol=0)
+    yolo = build("yolo")
+    bias = yolo.predictors[0].bias.view(4, 5 + C)
+    assert (bias[:, :4] == 0).all()
+    torch.testing.assert_close(bias[:, 4:], torch.full((4, 1 + C), prior))
+
+
+# -- anchor order ----------------------------------------------------------------------
+
+
+def test_ssd_reshape_order_encodes_cell_and_anchor():
+    """Conv weights that write 1000 y + 100 x + 10 a + j into value j of anchor a of cell (y, x)."""
+    head = build("ssd", num_anchors=[2, 3])
+    feats = []
+    for h, w in [(3, 4), (2, 5)]:  # non-square maps catch a swapped H and W
+        ys = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+        xs = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+        f = torch.zeros(1, 16, h, w)
+        f[0, 0], f[0, 1] = ys, xs
+        feats.append(f)
+    feats[0] = feats[0][:, :8]
+    with torch.no_grad():
+        for convs, k in ((head.cls_predictors, C + 1), (head.box_predictors, 4)):
+            for conv in convs:
+                conv.weight.zero_()
+                conv.weight[:, 0, 1, 1] = 1000.0
+                conv.weight[:, 1, 1, 1] = 100.0
+                n = conv.out_channels // k
+                conv.bias.copy_(torch.tensor([10.0 * a + j for a in range(n) for j in range(k)]))
+    out = head(feats)
+    for key, k in (("cls_logits", C + 1), ("box_deltas", 4)):
+        rows = []
+        for n, (h, w) in zip([2, 3], [(3, 4), (2, 5)], strict=True):
+            for y in range(h):
+                for x in range(w):
+                    for a in range(n):
+                        rows.append([1000.0 * y + 100 * x + 10 * a + j for j in range(k)])
+        torch.testing.assert_close(out[key][0], torch.tensor(rows))
+
+
+def _raw_maps(head: DetectionHead, feats) -> tuple[dict, dict[str, list[torch.Tensor]]]:
+    """Capture the raw predictor maps [B, n * k, H, W] of each level with forward hooks."""
+    maps: dict[str, list[torch.Tensor]] = {"cls": [], "box": []}
+    if isinstance(head, SSDHead):
+        modules = {"cls": list(head.cls_predictors), "box": list(head.box_predictors)}
+    elif isinstance(head, RetinaHead):
+        modules = {"cls": [head.cls_predictor], "box": [head.box_predictor]}
+    else:
+        modules = {"cls": list(head.predictors)}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, o, key=key: maps[key].append(o))
+        for key, ms in modules.items()
+        for m in ms
+    ]
+    out = head(feats)
+    for h in handles:
+        h.remove()
+    return out, maps
+
+
+def _naive_flatten(maps: list[torch.Tensor], k: int) -> torch.Tensor:
+    rows = []
+    for m in maps:
+        n = m.shape[1] // k
+        for y in range(m.shape[2]):
+            for x in range(m.shape[3]):
+                for a in range(n):
+                    rows.append(m[:, a * k : (a + 1) * k, y, x])
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_outputs_follow_anchor_order_of_raw_maps(name):
+    head = build(name).eval()
+    feats = features(sizes=[(3, 4), (2, 3)])
+    out, maps = _raw_maps(head, feats)
+    if name == "yolo":
+        raw = _naive_flatten(maps["cls"], 5 + C)  # darknet order: tx ty tw th obj classes
+        torch.testing.assert_close(out["box_deltas"], raw[..., :4])
+        torch.testing.assert_close(out["cls_logits"], raw[..., 4:])
+        return
+    k = C if name == "retina" else C + 1
+    torch.testing.assert_close(out["cls_logits"], _naive_flatten(maps["cls"], k))
+    torch.testing.assert_close(out["box_deltas"], _naive_flatten(maps["box"], 4))
+
+
+def test_yolo_cell_sizes_per_level():
+    head = build("yolo")
+    out = head(features(sizes=[(4, 6), (2, 3)]))
+    a0 = 4 * 4 * 6
+    torch.testing.assert_close(out["cell_wh"][:a0], torch.tensor([1 / 6, 1 / 4]).expand(a0, 2))
+    torch.testing.assert_close(out["cell_wh"][a0:], torch.tensor([1 / 3, 1 / 2]).expand(6 * 6, 2))
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_zero_deltas_give_the_anchors(name):
+    head = build(name)
+    out = head(features())
+    a = out["box_deltas"].shape[1]
+    anchors = random_anchors(a)
+    out["box_deltas"] = torch.zeros_like(out["box_deltas"])
+    torch.testing.assert_close(head.decode_boxes(out, anchors), anchors.expand(2, a, 4))
+
+
+def test_ssd_decode_inverts_encode():
+    head = build("ssd", variances=(0.1, 0.1, 0.2, 0.2))
+    out = head(features())
+    a = out["box_deltas"].shape[1]
+    anchors = random_anchors(a, seed=1)
+    gt = random_anchors(a, seed=2).expand(2, a, 4)
+    out["box_deltas"] = BoxCoder((0.1, 0.1, 0.2, 0.2)).encode(gt, anchors)
+    torch.testing.assert_close(head.decode_boxes(out, anchors), gt)
+
+
+def test_yolo_decode_inverts_encode_and_is_grid_relative():
+    head = build("yolo")
+    out = head(features(sizes=[(4, 6), (2, 3)]))
+    a = out["box_deltas"].shape[1]
+    anchors = random_anchors(a, seed=1)
+    cell = out["cell_wh"]
+    # gt centres inside each anchor's cell
+    g = torch.Generator().manual_seed(3)
+    offset = (torch.rand(2, a, 2, generator=g) - 0.5) * 0.98 * cell
+    gt = torch.cat(
+        (anchors[:, :2] + offset, anchors[:, 2:] * (0.5 + torch.rand(2, a, 2, generator=g))), -1
+    )
+    target = head.encode_boxes(gt, anchors, cell)
+    out["box_deltas"] = torch.cat((torch.logit(target[..., :2]), target[..., 2:]), dim=-1)
+    torch.testing.assert_close(head.decode_boxes(out, anchors), gt, atol=1e-5, rtol=1e-4)
+    # YOLOv3's rule on a level of H = 4, W = 6: cx = (cell_x + sigmoid(tx)) / W
+    anchors0 = torch.tensor([[1.5 / 6, 0.5 / 4, 0.2, 0.3]])  # cell (y=0, x=1)
+    one = {
+        "box_deltas": torch.tensor([[[0.7, -0.4, 0.2, -0.1]]]),
+        "cell_wh": torch.tensor([[1 / 6, 1 / 4]]),  # (cell_w, cell_h)
+    }
+    box = head.decode_boxes(one, anchors0)[0, 0]
+    expected = torch.tensor(
+        [
+            (1 + torch.sigmoid(torch.tensor(0.7))) / 6,
+            (0 + torch.sigmoid(torch.tensor(-0.4))) / 4,
+            0.2 * math.exp(0.2),
+            0.3 * math.exp(-0.1),
+        ]
+    )
+    torch.testing.assert_close(box, expected)
+
+
+def test_huge_deltas_do_not_overflow():
+    for name in ("ssd", "yolo"):
+        head = build(name)
+        out = head(features())
+        out["box_deltas"] = torch.full_like(out["box_deltas"], 1e4)
+        boxes = head.decode_boxes(out, random_anchors(out["box_deltas"].shape[1]))
+        assert torch.isfinite(boxes).all()
+
+
+# -- hard negative mining ----------------------------------------------------------------
+
+
+def _mining_case():
+    """Two images of 20 anchors; losses by hand.
+
+    Image 0: 2 positives, 12 background anchors with loss > 0, 3 with loss 0, 3 ignored
+    (with the largest losses of all). Image 1: 3 positives, 5 background with loss > 0,
+    12 with loss 0.
+    """
+    loss = torch.zeros(2, 20)
+    matches = torch.full((2, 20), BACKGROUND)
+    matches[0, :2] = 0
+    loss[0, 2:14] = torch.arange(1, 13, dtype=torch.float32)  # 1..12
+    matches[0, 17:] = IGNORE
+    loss[0, 17:] = 100.0
+    matches[1, [0, 5, 9]] = torch.tensor([0, 1, 1])
+    loss[1, [1, 2, 3, 4, 6]] = torch.tensor([0.5, 20.0, 7.5, 3.0, 11.5])
+    return loss, matches
+
+
+def test_mining_per_image_keeps_three_per_positive_or_all_nonzero():
+    loss, matches = _mining_case()
+    keep = hard_negative_mask(loss, matches, neg_pos_ratio=3, mining="per_image")
+    assert keep.sum(1).tolist() == [6, 5]  # min(3 * 2, 12) and min(3 * 3, 5)
+    assert keep[0].nonzero().flatten().tolist() == [8, 9, 10, 11, 12, 13]  # losses 7..12
+    assert keep[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 6]
+    assert not keep[matches != BACKGROUND].any()
+    assert (loss[keep] > 0).all()
+
+
+def test_mining_per_batch_uses_the_batch_budget_and_hardest_of_the_batch():
+    loss, matches = _mining_case()
+    keep = hard_negative_mask(loss, matches, neg_pos_ratio=3, mining="per_batch")
+    # 5 positives in the batch: budget 15, 17 candidates with loss > 0 -> the top 15
+    assert keep.sum().item() == 15
+    cand = loss[(matches == BACKGROUND) & (loss > 0)]
+    assert loss[keep].min() == cand.sort(descending=True).values[14]
+    assert keep.sum(1).tolist() == [11, 4]  # image 1 loses its 0.5, image 0 its 1.0
+    keep2 = hard_negative_mask(loss, matches, neg_pos_ratio=1, mining="per_batch")
+    assert sorted(loss[keep2].tolist()) == [10.0, 11.0, 11.5, 12.0, 20.0]
+
+
+def test_mining_ratio_floor_and_n_neg_min():
+    loss, matches = _mining_case()
+    keep = hard_negative_mask(loss, matches, neg_pos_ratio=2.5, mining="per_image")
+    assert keep.sum(1).tolist() == [5, 5]  # floor(2.5 * 2) = 5, floor(7.5) = 7 capped at 5
+    # no positives at all: only n_neg_min negatives, never more than the non-zero ones
+    no_pos = matches.masked_fill(matches >= 0, BACKGROUND)
+    assert hard_negative_mask(loss, no_pos, mining="per_image").sum() == 0
+    keep = hard_negative_mask(loss, no_pos, n_neg_min=4, mining="per_image")
+    assert keep.sum(1).tolist() == [4, 4]
+    assert keep[0].nonzero().flatten().tolist() == [10, 11, 12, 13]
+    keep = hard_negative_mask(loss, no_pos, n_neg_min=9, mining="per_image")
+    assert keep.sum(1).tolist() == [9, 5]
+    keep = hard_negative_mask(loss, no_pos, n_neg_min=9, mining="per_batch")
+    assert keep.sum().item() == 9
+    # n_neg_min only raises the budget
+    keep = hard_negative_mask(loss, matches, n_neg_min=1, mining="per_image")
+    assert keep.sum(1).tolist() == [6, 5]
+
+
+def test_mined_negatives_from_logits_and_their_gradients():
+    """Logits by hand: the loss counts exactly the mined negatives, and only they get gradients."""
+    a, k = 30, C + 1
+    logits = torch.zeros(1, a, k)
+    logits[0, :, 0] = 100.0  # confident background: CE exactly 0
+    matches = torch.full((1, a), BACKGROUND)
+    matches[0, :2] = 0  # 2 positives (label 2, CE = 100 each)
+    hard = [5, 6, 7, 8, 9, 10, 11, 12]  # 8 negatives with a loss: graded, all > 0
+    for i, idx in enumerate(hard):
+        logits[0, idx, 0] = 0.0
+        logits[0, idx, 1] = float(i)
+    matches[0, 20:] = IGNORE
+    logits[0, 20:, 0] = -50.0  # ignored anchors would be the hardest of all
+    logits.requires_grad_(True)
+    gt_boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5]]])
+    gt_labels = torch.tensor([[2]])
+    anchors = random_anchors(a)
+    deltas = torch.zeros(1, a, 4)
+    out = multibox_loss(logits, deltas, matches, gt_boxes, gt_labels, anchors, BoxCoder())
+    out["loss"].backward()
+    touched = (logits.grad.abs().sum(-1) > 0)[0].nonzero().flatten().tolist()
+    assert touched == [0, 1, 7, 8, 9, 10, 11, 12]  # positives + the 6 hardest negatives
+    ce = F.cross_entropy(logits[0].detach(), torch.zeros(a, dtype=torch.long), reduction="none")
+    expected = (2 * F.cross_entropy(logits[0, :1].detach(), torch.tensor([2])) + ce[7:13].sum()) / 2
+    torch.testing.assert_close(out["loss_cls"], expected)
+
+
+# -- loss against a naive loop ----------------------------------------------------------------
+
+
+def _smooth_l1(d: float) -> float:
+    d = abs(d)
+    return 0.5 * d * d if d < 1.0 else d - 0.5
+
+
+def _reference_multibox(
+    logits,
+    deltas,
+    matches,
+    gt_boxes,
+    gt_labels,
+    anchors,
+    variances,
+    ratio,
+    n_neg_min,
+    alpha,
+    mining,
+):
+    """Per-image (or per-batch) Python loop: CE, sort negatives, budget, smooth-L1."""
+    b, a, _ = logits.shape
+    ce = torch.zeros(b, a, dtype=torch.float64)
+    label = torch.zeros(b, a, dtype=torch.long)
+    for i in range(b):
+        for j in range(a):
+            m = int(matches[i, j])
+            label[i, j] = int(gt_labels[i, m]) if m >= 0 else 0
+            row = logits[i, j].double()
+            ce[i, j] = torch.logsumexp(row, 0) - row[label[i, j]]
+    groups = (
+        [[(i, j) for j in range(a)] for i in range(b)]
+        if mining == "per_image"
+        else [[(i, j) for i in range(b) for j in range(a)]]
+    )
+    cls, loc, total_pos = 0.0, 0.0, 0
+    for anchors_of_group in groups:
+        pos = [(i, j) for i, j in anchors_of_group if matches[i, j] >= 0]
+        negs = [(i, j) for i, j in anchors_of_group if matches[i, j] == -1 and ce[i, j] > 0]
+        budget = min(max(math.floor(ratio * len(pos)), n_neg_min), len(negs))
+        negs.sort(key=lambda ij: -float(ce[ij]))
+        cls += sum(float(ce[ij]) for ij in pos) + sum(float(ce[ij]) for ij in negs[:budget])
+        total_pos += len(pos)
+        for i, j in pos:
+            x1, y1, x2, y2 = (float(v) for v in gt_boxes[i, int(matches[i, j])])
+            gcx, gcy, gw, gh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+            acx, acy, aw, ah = (float(v) for v in anchors[j])
+            target = [
+                (gcx - acx) / (aw * variances[0]),
+                (gcy - acy) / (ah * variances[1]),
+                math.log(gw / aw) / variances[2],
+                math.log(gh / ah) / variances[3],
+            ]
+            loc += sum(_smooth_l1(float(deltas[i, j, c]) - target[c]) for c in range(4))
+    n = max(1, total_pos)
+    return (cls + alpha * loc) / n, cls / n, loc / n
+
+
+@pytest.mark.parametrize(
+    ("mining", "ratio", "n_neg_min", "alpha"),
+    [
+        ("per_image", 3.0, 0, 1.0),
+        ("per_batch", 3.0, 0, 1.0),
+        ("per_image", 2.5, 4, 0.7),
+        ("per_batch", 1.0, 20, 2.0),
+    ],
+)
+def test_multibox_equals_naive_loop(mining, ratio, n_neg_min, alpha):
+    b, a, k = 3, 60, C + 1
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(b, a, k, generator=gen, dtype=torch.float64) * 2
+    deltas = torch.randn(b, a, 4, generator=gen, dtype=torch.float64) * 2
+    gt_boxes, gt_labels, matches = random_targets(b, a, seed=8)
+    gt_boxes = gt_boxes.double()
+    anchors = random_anchors(a, seed=9).double()
+    variances = (0.1, 0.1, 0.2, 0.2)
+    out = multibox_loss(
+        logits, deltas, matches, gt_boxes, gt_labels, anchors, BoxCoder(variances),
+        neg_pos_ratio=ratio, n_neg_min=n_neg_min, alpha=alpha, mining=mining,
+    )  # fmt: skip
+    ref = _reference_multibox(
+        logits,
+        deltas,
+        matches,
+        gt_boxes,
+        gt_labels,
+        anchors,
+        variances,
+        ratio,
+        n_neg_min,
+        alpha,
+        mining,
+    )
+    got = (out["loss"].item(), out["loss_cls"].item(), out["loss_box"].item())
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
+
+
+def test_ssd_head_loss_is_the_multibox_loss_in_float32():
+    head = build("ssd", mining="per_batch", neg_pos_ratio=2.0)
+    out = head(features(batch=3))
+    a = out["cls_logits"].shape[1]
+    gt_boxes, gt_labels, matches = random_targets(3, a, seed=4)
+    anchors = random_anchors(a, seed=5)
+    got = head.loss(out, matches, gt_boxes, gt_labels, anchors)
+    ref = _reference_multibox(
+        out["cls_logits"].detach(), out["box_deltas"].detach(), matches, gt_boxes, gt_labels,
+        anchors, (0.1, 0.1, 0.2, 0.2), 2.0, 0, 1.0, "per_batch",
+    )  # fmt: skip
+    assert (got["loss"].item(), got["loss_cls"].item(), got["loss_box"].item()) == pytest.approx(
+        ref, rel=1e-5, abs=1e-5
+    )
+
+
+# -- losses of every head: empty images, ignored anchors ---------------------------------------
+
+
+BOX_TERMS = {
+    "ssd": ["loss_box"],
+    "ssdlite": ["loss_box"],
+    "retina": ["loss_box"],
+    "yolo": ["loss_xy", "loss_wh"],
+}
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_images_without_objects(name):
+    head = build(name)
+    out = head(features())
+    a = out["cls_logits"].shape[1]
+    anchors = random_anchors(a)
+    for g in (0, 2):  # no gt slot at all, or padding only
+        gt_boxes = torch.zeros(2, g, 4)
+        gt_labels = torch.zeros(2, g, dtype=torch.long)
+        matches = SSDMatcher()(gt_boxes, torch.zeros(2, g, dtype=torch.bool), anchors)
+        assert (matches == BACKGROUND).all()
+        losses = head.loss(out, matches, gt_boxes, gt_labels, anchors)
+        assert all(torch.isfinite(v) for v in losses.values())
+        for term in BOX_TERMS[name]:
+            assert losses[term] == 0
+        head.zero_grad()
+        losses["loss"].backward(retain_graph=True)
+        assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+    # one image with objects, one without: the empty one adds no localisation loss
+    gt_boxes, gt_labels, matches = random_targets(2, a, seed=1)  # image 1 has one gt
+    gt_boxes[1], gt_labels[1] = 0.0, 0
+    matches[1] = torch.where(matches[1] >= 0, BACKGROUND, matches[1])
+    both = head.loss(out, matches, gt_boxes, gt_labels, anchors)
+    first = {k: v[:1] for k, v in out.items() if k != "cell_wh"} | (
+        {"cell_wh": out["cell_wh"]} if "cell_wh" in out else {}
+    )
+    alone = head.loss(first, matches[:1], gt_boxes[:1], gt_labels[:1], anchors)
+    for term in BOX_TERMS[name]:
+        scale = 0.5 if name == "yolo" else 1.0  # yolo divides by the batch size
+        torch.testing.assert_close(both[term], alone[term] * scale)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_ignored_anchors_contribute_nothing(name):
+    head = build(name)
+    with torch.no_grad():
+        out = head(features(batch=3))
+    a = out["cls_logits"].shape[1]
+    gt_boxes, gt_labels, matches = random_targets(3, a, seed=2)
+    anchors = random_anchors(a, seed=3)
+    assert (matches == IGNORE).sum() > 10
+    base = head.loss(out, matches, gt_boxes, gt_labels, anchors)
+    ignored = (matches == IGNORE)[..., None]
+    g = torch.Generator().manual_seed(0)
+    changed = dict(out)
+    for key in ("cls_logits", "box_deltas"):
+        noise = torch.randn(out[key].shape, generator=g) * 20
+        changed[key] = torch.where(ignored, out[key] + noise, out[key])
+    again = head.loss(changed, matches, gt_boxes, gt_labels, anchors)
+    for key in base:
+        torch.testing.assert_close(again[key], base[key], msg=key)
+    # while the same change on background anchors does change the classification loss
+    background = (matches == BACKGROUND)[..., None]
+    changed["cls_logits"] = torch.where(background, out["cls_logits"] + 5.0, out["cls_logits"])
+    changed["box_deltas"] = out["box_deltas"]
+    cls_key = "loss_obj" if name == "yolo" else "loss_cls"
+    if name != "yolo":
+        changed["cls_logits"][..., 0] -= 5.0 * background[..., 0]
+    assert head.loss(changed, matches, gt_boxes, gt_labels, anchors)[cls_key] != base[cls_key]
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_loss_dict_and_backward(name):
+    head = build(name)
+    out = head(features())
+    a = out["cls_logits"].shape[1]
+    gt_boxes, gt_labels, matches = random_targets(2, a, seed=5)
+    losses = head.loss(out, matches, gt_boxes, gt_labels, anchors=random_anchors(a))
+    expected = {"loss", "loss_cls", *BOX_TERMS[name]} | ({"loss_obj"} if name == "yolo" else set())
+    assert set(losses) == expected
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+
+def test_retina_focal_loss_by_hand():
+    head = build("retina")
+    a = 4
+    logits = torch.tensor([[[2.0, -1.0, 0.5], [0.0, 0.0, 0.0], [-3.0, 1.0, 2.0], [5.0, 5.0, 5.0]]])
+    out = {"cls_logits": logits, "box_deltas": torch.zeros(1, a, 4)}
+    matches = torch.tensor([[0, BACKGROUND, 1, IGNORE]])
+    gt_boxes = torch.tensor([[[0.1, 0.1, 0.3, 0.4], [0.5, 0.5, 0.9, 0.8]]])
+    gt_labels = torch.tensor([[2, 3]])
+    anchors = convert(gt_boxes[0, [0, 0, 1, 1]], "xyxy", "cxcywh")
+    losses = head.loss(out, matches, gt_boxes, gt_labels, anchors)
+
+    def focal(x, t):
+        p = 1 / (1 + math.exp(-x))
+        pt = p if t else 1 - p
+        at = 0.25 if t else 0.75
+        return -at * (1 - pt) ** 2 * math.log(pt)
+
+    targets = [[0, 1, 0], [0, 0, 0], [0, 0, 1]]
+    expected = (
+        sum(focal(float(logits[0, i, c]), targets[i][c]) for i in range(3) for c in range(3)) / 2
+    )
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
+    assert losses["loss_box"].item() == pytest.approx(0.0, abs=1e-6)  # anchors are the gts
+
+
+def test_yolo_loss_by_hand():
+    head = build("yolo", box_scale=False)
+    # one level 2x2 (cell 0.5), one anchor per cell; anchor 3 is cell (1, 1)
+    anchors = torch.tensor(
+        [
+            [0.25, 0.25, 0.2, 0.2],
+            [0.75, 0.25, 0.2, 0.2],
+            [0.25, 0.75, 0.2, 0.2],
+            [0.75, 0.75, 0.2, 0.2],
+        ]
+    )
+    t = torch.tensor([[[0.0, 0.0, 0.0, 0.0]] * 4])
+    logits = torch.zeros(1, 4, 1 + C)
+    out = {"cls_logits": logits, "box_deltas": t, "cell_wh": torch.full((4, 2), 0.5)}
+    gt_boxes = torch.tensor([[[0.6, 0.6, 1.0, 1.0]]])  # centre (0.8, 0.8), 0.4 x 0.4
+    gt_labels = torch.tensor([[1]])
+    matches = torch.tensor([[BACKGROUND, IGNORE, BACKGROUND, 0]])
+    losses = head.loss(out, matches, gt_boxes, gt_labels, anchors)
+    ln2 = math.log(2.0)
+    assert losses["loss_obj"].item() == pytest.approx(3 * ln2, rel=1e-6)  # 3 anchors at p = 0.5
+    assert losses["loss_cls"].item() == pytest.approx(C * ln2, rel=1e-6)
+    sx = (0.8 - 0.75) / 0.5 + 0.5  # 0.6
+    assert losses["loss_xy"].item() == pytest.approx(2 * (0.5 - sx) ** 2, rel=1e-5)
+    assert losses["loss_wh"].item() == pytest.approx(2 * math.log(2.0) ** 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_device_agnostic_on_meta_tensors(name):
+    """Everything runs on the device of the inputs (meta: any CPU tensor created inside
+    would raise), with anchors still on the CPU as a caller may pass them."""
+    head = build(name).to("meta")
+    feats = [f.to("meta") for f in features()]
+    out = head(feats)
+    a = out["box_deltas"].shape[1]
+    gt_boxes, gt_labels, matches = random_targets(2, a, seed=6)
+    anchors = random_anchors(a)
+    losses = head.loss(out, matches.to("meta"), gt_boxes.to("meta"), gt_labels.to("meta"), anchors)
+    losses["loss"].backward()
+    assert head.scores(out).device.type == "meta"
+    assert head.decode_boxes(out, anchors).shape == (2, a, 4)
+
+
+# -- one-image overfit ---------------------------------------------------------------------------
+
+
+class TinyBackbone(nn.Module):
+    """Three stride-2 conv blocks on a 64 x 64 image: levels 16 x 16 and 8 x 8, 32 channels."""
+
+    out_channels = (32, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()
+            )
+
+        self.c1, self.c2, self.c3 = block(3, 16), block(16, 32), block(32, 32)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f1 = self.c2(self.c1(x))
+        return [f1, self.c3(f1)]
+
+
+def _overfit_setup(name: str):
+    image = (64, 64)
+    if name in ("ssd", "ssdlite"):
+        gen = SSDAnchorGenerator(
+            image_size=image, aspect_ratios=[[1, 2, 0.5]] * 2, scales=[0.2, 0.45, 0.8]
+        )
+        return gen, SSDMatcher(), {}, 1e-2
+    if name == "retina":
+        gen = RetinaAnchorGenerator(image_size=image, sizes=(12, 24), strides=(4, 8))
+        # GroupNorm towers: without them the N(0, 0.01) towers train slowly under Adam
+        return gen, FasterRCNNMatcher(0.5, 0.4), {"channels": 64, "group_norm": 16}, 1e-3
+    priors = (((8, 8), (12, 20), (20, 12)), ((24, 24), (40, 32), (32, 48)))
+    gen = YoloAnchorGenerator(image_size=image, priors=priors, strides=(4, 8))
+    return gen, YOLOv3Matcher(), {"hidden_channels": 32}, 1e-2
+
+
+def overfit(name: str, steps: int = 60, seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
+    gen, matcher, options, lr = _overfit_setup(name)
+    backbone = TinyBackbone()
+    head = HEADS.build(
+        name,
+        in_channels=list(backbone.out_channels),
+        num_anchors=gen.num_anchors_per_location(),
+        num_classes=C,
+        **options,
+    )
+    image = torch.rand(1, 3, 64, 64)
+    gt_boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.4, 0.9, 0.9], [0.6, 0.05, 0.75, 0.3]]])
+    gt_labels = torch.tensor([[1, 2, 3]])
+    anchors = gen([(16, 16), (8, 8)])
+    matches = matcher(gt_boxes, torch.ones(1, 3, dtype=torch.bool), anchors)
+    assert (matches >= 0).any()
+    params = [*backbone.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    history = []
+    for _ in range(steps):
+        loss = head.loss(head(backbone(image)), matches, gt_boxes, gt_labels, anchors)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    return history
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_one_image_overfit(name):
+    history = overfit(name)
+    print(f"{name}: loss {history[0]:.4f} -> {history[-1]:.4f}")
+    assert all(math.isfinite(v) for v in history)
+    assert history[-1] < 0.1 * history[0]
