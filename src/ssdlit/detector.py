@@ -120,6 +120,11 @@ class Detector(nn.Module):
         size = (int(image_size[0]), int(image_size[1]))
         bb = build_component(BACKBONES, backbone)
         gen = build_component(ANCHORS, anchors, image_size=size)
+        if len(bb.out_channels) != gen.num_levels:
+            raise ValueError(
+                f"backbone {backbone.get('name')!r} gives {len(bb.out_channels)} feature levels "
+                f"but the anchor generator is configured for {gen.num_levels} levels"
+            )
         hd = build_component(
             HEADS,
             head,

@@ -1,0 +1,161 @@
+import pytest
+import torch
+import torchvision
+
+from ssdlit import Detector
+from ssdlit.exporting import export_onnx, export_torchscript, verify_onnx
+
+SSD300_ANCHORS = {
+    "name": "ssd",
+    "scales": [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05],
+    "aspect_ratios": [[1, 2, 0.5]] + [[1, 2, 0.5, 3, 1 / 3]] * 3 + [[1, 2, 0.5]] * 2,
+    "steps": [8, 16, 32, 64, 100, 300],
+}
+SSD512_ANCHORS = {
+    "name": "ssd",
+    "scales": [0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
+    "aspect_ratios": [[1, 2, 0.5]] + [[1, 2, 0.5, 3, 1 / 3]] * 4 + [[1, 2, 0.5]] * 2,
+    "steps": [8, 16, 32, 64, 128, 256, 512],
+}
+SSDLITE_ANCHORS = {
+    "name": "ssd",
+    "scales": [0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0],
+    "aspect_ratios": [[1, 2, 0.5, 3, 1 / 3]] * 6,
+}
+
+
+def tiny(num_classes=3, head="ssd", postprocess=None):
+    """SSD7 on 96 x 128 images: small enough for many tests."""
+    return Detector.build(
+        num_classes=num_classes,
+        image_size=(96, 128),
+        backbone={"name": "ssd7"},
+        anchors={
+            "name": "ssd",
+            "scales": [0.08, 0.16, 0.32, 0.64, 0.96],
+            "aspect_ratios": [1, 2, 0.5],
+        },
+        head={"name": head},
+        matcher={"name": "ssd"},
+        postprocess=postprocess or {"name": "per_class", "top_k": 50},
+    )
+
+
+@pytest.mark.parametrize(
+    "backbone, anchors, head, size, expected",
+    [
+        ("vgg16_ssd300", SSD300_ANCHORS, "ssd", 300, 8732),
+        ("vgg16_ssd512", SSD512_ANCHORS, "ssd", 512, 24564),
+        ("mobilenet_v3_large", SSDLITE_ANCHORS, "ssdlite", 320, 3234),
+        ("resnet50", SSD300_ANCHORS, "ssd", 300, 8732),
+    ],
+)
+def test_anchor_count_equals_head_outputs(backbone, anchors, head, size, expected):
+    torch.manual_seed(0)
+    det = Detector.build(
+        num_classes=20,
+        image_size=(size, size),
+        backbone={"name": backbone},
+        anchors=anchors,
+        head={"name": head},
+    ).eval()
+    assert det.anchors.shape == (expected, 4)
+    with torch.no_grad():
+        out = det.raw(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+    assert out["cls_logits"].shape == (1, expected, 21)
+    assert out["box_deltas"].shape == (1, expected, 4)
+
+
+def test_ssd300_vgg16_parameter_count_matches_torchvision():
+    ours = Detector.build(
+        num_classes=20,
+        image_size=(300, 300),
+        backbone={"name": "vgg16_ssd300"},
+        anchors=SSD300_ANCHORS,
+        head={"name": "ssd"},
+    )
+    theirs = torchvision.models.detection.ssd300_vgg16(
+        weights=None, weights_backbone=None, num_classes=21
+    )
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert abs(n_ours - n_theirs) / n_theirs < 0.01, (n_ours, n_theirs)
+
+
+def test_forward_loss_and_backward():
+    torch.manual_seed(0)
+    det = tiny()
+    images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8)
+    outputs = det.raw(images)
+    gt_boxes = torch.tensor(
+        [[[0.1, 0.1, 0.5, 0.6], [0.5, 0.5, 0.9, 0.8]], [[0.2, 0.3, 0.4, 0.9], [0, 0, 0, 0]]]
+    )
+    gt_labels = torch.tensor([[1, 3], [2, 0]])
+    gt_mask = gt_labels > 0
+    losses = det.loss(outputs, gt_boxes, gt_labels, gt_mask)
+    assert {"loss", "loss_cls", "loss_box"} <= set(losses)
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in det.head.parameters())
+    det.eval()
+    with torch.no_grad():
+        dets = det(images)
+    assert len(dets) == 2 and all(d.shape[1] == 6 and len(d) <= 50 for d in dets)
+    assert all(((d[:, 2:] >= 0) & (d[:, 2:] <= 1)).all() for d in dets)
+
+
+def test_derived_values_are_not_configured_twice():
+    with pytest.raises(ValueError, match="derived"):
+        Detector.build(
+            num_classes=3,
+            image_size=(96, 128),
+            backbone={"name": "ssd7"},
+            anchors={
+                "name": "ssd",
+                "image_size": [96, 128],
+                "scales": [0.1, 0.2, 0.4, 0.6, 0.9],
+                "aspect_ratios": [1],
+            },
+            head={"name": "ssd"},
+        )
+    with pytest.raises(ValueError, match="levels"):
+        Detector.build(
+            num_classes=3,
+            image_size=(96, 128),
+            backbone={"name": "ssd7"},
+            anchors={"name": "ssd", "scales": [0.1, 0.2, 0.4], "aspect_ratios": [1]},
+            head={"name": "ssd"},
+        )
+
+
+def test_wrong_input_size_is_refused():
+    det = tiny()
+    with pytest.raises(ValueError, match="resize"):
+        det.raw(torch.zeros(1, 3, 100, 100, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "postprocess", [{"name": "per_class", "top_k": 50}, {"name": "global", "top_k": 30}]
+)
+def test_onnx_round_trip(tmp_path, postprocess):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is part of the dev extra")
+    torch.manual_seed(0)
+    det = tiny(postprocess=postprocess).eval()
+    path = export_onnx(det, tmp_path / "model.onnx")
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 3):
+        images = torch.randint(0, 256, (batch, 3, 96, 128), dtype=torch.uint8, generator=g)
+        report = verify_onnx(det, path, images)
+        assert report["detections"] > 0
+
+
+def test_torchscript_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    det = tiny().eval()
+    images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
+    path = export_torchscript(det, tmp_path / "model.pt", example=images)
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        flat = loaded(images)
+        eager = det(images)[0]
+    eager[:, 2:] *= torch.tensor([128.0, 96.0, 128.0, 96.0])  # the exported graph speaks pixels
+    assert torch.allclose(flat[:, 1:], eager, atol=1e-4)
