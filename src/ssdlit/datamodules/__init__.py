@@ -3,14 +3,18 @@
 Importing this package registers the sources in :data:`ssdlit.registry.DATASETS`
 (``voc``, ``csv``, ``coco``, ``synthetic``). Every source is built with keyword
 arguments only and exposes ``records`` (:class:`Record`), ``class_names`` and ``report``
-(:class:`DataReport`).
+(:class:`DataReport`). :class:`DetectionDataModule` turns sources into batches with the
+augmentation pipelines of :func:`build_transforms` (``ssd``, ``light``, ``val``).
 """
 
 from ssdlit.datamodules.coco import COCOSource
+from ssdlit.datamodules.collate import collate_detection, pad_targets, to_original_pixels
 from ssdlit.datamodules.csv_source import DEFAULT_COLUMNS, SSD_KERAS_COLUMNS, CSVSource
+from ssdlit.datamodules.datamodule import DetectionDataModule, DetectionDataset
 from ssdlit.datamodules.images import ImageHeader, image_size, load_rgb, read_header
 from ssdlit.datamodules.records import DataError, Record, Source
 from ssdlit.datamodules.synthetic import SyntheticSource, write_synthetic_voc
+from ssdlit.datamodules.transforms import build_transforms
 from ssdlit.datamodules.validation import DataReport, Problem, Validator
 from ssdlit.datamodules.voc import VOC_CLASSES, VOCSource
 
@@ -22,6 +26,8 @@ __all__ = [
     "CSVSource",
     "DataError",
     "DataReport",
+    "DetectionDataModule",
+    "DetectionDataset",
     "ImageHeader",
     "Problem",
     "Record",
@@ -29,8 +35,12 @@ __all__ = [
     "SyntheticSource",
     "VOCSource",
     "Validator",
+    "build_transforms",
+    "collate_detection",
     "image_size",
     "load_rgb",
+    "pad_targets",
     "read_header",
+    "to_original_pixels",
     "write_synthetic_voc",
 ]

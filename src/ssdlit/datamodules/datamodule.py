@@ -1,0 +1,406 @@
+"""Records -> augmented tensors -> padded batches: :class:`DetectionDataset`,
+:class:`DetectionDataModule`.
+
+Data flow per sample (in a DataLoader worker): decode the image to RGB uint8 ``[H0, W0, 3]``
+(the record's own loader by default, i.e. :func:`ssdlit.datamodules.images.load_rgb` with the
+record's EXIF policy; or a decoded copy kept in memory with ``cache``), run the
+albumentations pipeline on it and its xyxy pixel boxes (:func:`~.transforms.apply_transform`),
+and return a uint8 ``[3, H, W]`` tensor, boxes normalised to [0, 1] of the network input,
+labels, difficult flags and ``meta`` (see :mod:`ssdlit.datamodules.collate`). Batches come
+from :func:`~ssdlit.datamodules.collate.collate_detection`.
+
+Reproducibility. Augmentation draws only from the Compose's own generators (albumentations
+2.x), seeded with ``seed``. With ``num_workers > 0`` every worker gets a copy of the dataset
+and so of the same seeded Compose; :func:`seed_worker` (the loaders' ``worker_init_fn``)
+reseeds each copy with the worker's torch seed, ``base_seed + worker_id``, where
+``base_seed`` is drawn from the loader's generator (seeded with ``seed``) each time an epoch's
+iterator starts (once, with persistent workers). So: the same ``seed`` and the same
+``num_workers`` give the same batches, epoch after epoch; a different ``num_workers`` gives
+a different (equally valid) random stream.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from ssdlit.datamodules.collate import collate_detection, make_meta
+from ssdlit.datamodules.records import Record
+from ssdlit.datamodules.transforms import apply_transform, as_hw, build_transforms, find_letterbox
+from ssdlit.datamodules.transforms.pipelines import plain_config
+
+__all__ = [
+    "DEFAULT_AUGMENT",
+    "DetectionDataModule",
+    "DetectionDataset",
+    "predict_records",
+    "seed_worker",
+]
+
+#: ``loader(path) -> uint8 [H, W, 3] RGB``.
+ImageLoader = Callable[[Path], np.ndarray]
+
+#: The pipeline each split uses unless ``augment`` says otherwise.
+DEFAULT_AUGMENT: dict[str, str] = {"train": "ssd", "val": "val", "test": "val", "predict": "val"}
+
+_SPLITS = ("train", "val", "test", "predict")
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _as_rgb(img: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` from what a loader returned (gray ``[H, W]``/``[H, W, 1]`` too)."""
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim == 3 and img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_RGBA2RGB)
+    return img
+
+
+class DetectionDataset(Dataset):
+    """One augmented sample per record (see :mod:`ssdlit.datamodules.collate` for the dict).
+
+    Args:
+        records: the parsed images and boxes (boxes xyxy absolute pixels).
+        transform: an albumentations pipeline (e.g. :func:`~.transforms.build_transforms`),
+            or None to return the decoded image as is (then all images must share a size
+            to be batched).
+        loader: ``loader(path) -> uint8 [H, W, 3]`` RGB; None uses ``record.load_image()``
+            (:func:`ssdlit.datamodules.images.load_rgb` with the record's EXIF policy).
+        cache: decode every image once, now, and keep the uint8 arrays in memory (for
+            small datasets; DataLoader workers forked later share them copy-on-write).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        loader: ImageLoader | None = None,
+        cache: bool = False,
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.loader = loader
+        self._letterbox = find_letterbox(transform)
+        self._cache: list[np.ndarray] | None = None
+        if cache:
+            self._cache = [self.load_image(i) for i in range(len(self.records))]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Memory held by the image cache (0 without one)."""
+        return sum(a.nbytes for a in self._cache) if self._cache is not None else 0
+
+    def load_image(self, index: int) -> np.ndarray:
+        """The decoded image of record ``index``, uint8 ``[H0, W0, 3]`` RGB."""
+        if self._cache is not None:
+            return self._cache[index]
+        rec = self.records[index]
+        img = rec.load_image() if self.loader is None else self.loader(rec.path)
+        return _as_rgb(np.asarray(img))
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the augmentation's generators (called in each worker by :func:`seed_worker`)."""
+        set_seed = getattr(self.transform, "set_random_seed", None)
+        if callable(set_seed):
+            set_seed(seed)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        img = self.load_image(index)
+        h0, w0 = img.shape[:2]
+        out = apply_transform(self.transform, img, rec.boxes, rec.labels, rec.difficult)
+        h, w = out.image.shape[:2]
+        boxes = out.boxes * np.array([1.0 / w, 1.0 / h, 1.0 / w, 1.0 / h], dtype=np.float32)
+        if self._letterbox is not None:
+            g = self._letterbox.geometry((h0, w0))
+            scale, offset = (g.scale_x, g.scale_y), (float(g.pad_x), float(g.pad_y))
+        else:
+            scale, offset = (w / w0, h / h0), (0.0, 0.0)
+        image = out.image if out.image.ndim == 3 else out.image[:, :, None]
+        return {
+            "image": torch.from_numpy(image).permute(2, 0, 1),  # [3, H, W] view; collate copies
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+            "labels": torch.from_numpy(np.asarray(out.labels, dtype=np.int64)),
+            "difficult": torch.from_numpy(np.asarray(out.difficult, dtype=bool)),
+            "meta": make_meta(
+                image_id=str(rec.image_id),
+                path=str(rec.path),
+                orig_size=(h0, w0),
+                input_size=(h, w),
+                scale=scale,
+                offset=offset,
+            ),
+        }
+
+
+def _reseed(dataset: Any, seed: int) -> None:
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
+    inner = getattr(dataset, "dataset", None)  # Subset
+    if inner is not None:
+        _reseed(inner, seed)
+    for d in getattr(dataset, "datasets", ()) or ():  # ConcatDataset
+        _reseed(d, seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seed Python, NumPy and the dataset's augmentation per worker.
+
+    The seed is the worker's torch seed (``base_seed + worker_id``, see the module
+    docstring), so workers differ from each other and runs with the same loader seed repeat.
+    OpenCV is limited to one thread per worker (as torch already is), so that W workers use
+    W cores rather than W times all of them.
+    """
+    cv2.setNumThreads(1)
+    seed = torch.initial_seed()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    info = get_worker_info()
+    if info is not None:
+        _reseed(info.dataset, seed)
+
+
+def predict_records(inputs: str | Path | Sequence[str | Path]) -> list[Record]:
+    """Records without boxes for images given as files, folders and/or glob patterns.
+
+    A folder contributes its image files (by suffix, sorted, not recursive); a pattern
+    with ``*``, ``?`` or ``[`` is expanded (``**`` recursive), sorted. ``image_id`` is the
+    file stem, or the path when stems repeat. Width and height are left 0 (the decoded
+    image's size is used).
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(plain_config(inputs))
+    paths: list[Path] = []
+    for item in items:
+        text = str(item)
+        p = Path(text)
+        if any(c in text for c in "*?["):
+            found = sorted(globlib.glob(text, recursive=True))
+            paths += [Path(f) for f in found if Path(f).suffix.lower() in _IMAGE_SUFFIXES]
+        elif p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"predict input {text!r}: no such file, folder or match")
+    stems = [p.stem for p in paths]
+    unique = len(set(stems)) == len(stems)
+    empty = np.zeros((0, 4), dtype=np.float32)
+    return [
+        Record(
+            path=p,
+            width=0,
+            height=0,
+            boxes=empty,
+            labels=np.zeros(0, dtype=np.int64),
+            image_id=p.stem if unique else str(p),
+        )
+        for p in paths
+    ]
+
+
+def _split_source(source: Any) -> tuple[list[Record], list[str] | None]:
+    """``(records, class_names)`` from a source object, a ``(records, names)`` pair or records."""
+    if hasattr(source, "records"):
+        names = getattr(source, "class_names", None)
+        return list(source.records), (list(names) if names is not None else None)
+    if (
+        isinstance(source, tuple)
+        and len(source) == 2
+        and not isinstance(source[0], Record)
+        and all(isinstance(n, str) for n in source[1])
+    ):
+        return list(source[0]), list(source[1])
+    records = list(source)
+    if records and not all(isinstance(r, Record) for r in records):
+        raise TypeError(
+            "a split source must have .records and .class_names, be (records, class_names), "
+            "or be a list of Record"
+        )
+    return records, None
+
+
+class DetectionDataModule(pl.LightningDataModule):
+    """Train/val/test/predict loaders of augmented, padded detection batches.
+
+    Args:
+        train, val, test: a source per split: an object with ``.records`` and
+            ``.class_names`` (the annotation sources), a ``(records, class_names)`` pair, or a
+            list of :class:`~ssdlit.datamodules.records.Record`. Any may be None.
+        predict: images without boxes: a file, a folder, a glob pattern, or a list of them
+            (see :func:`predict_records`), or a source as above.
+        class_names: the C class names when no source carries them (else taken from
+            ``train``, then ``val``, then ``test``).
+        image_size: network input ``(H, W)`` or one int.
+        augment: per split, a pipeline name (``"ssd"``, ``"light"``, ``"val"``), a dict
+            ``{"name": ..., **options}`` for :func:`~.transforms.build_transforms`, or a
+            ready albumentations Compose; merged over :data:`DEFAULT_AUGMENT`.
+        batch_size: training batch size; ``eval_batch_size`` (default: the same) for the rest.
+        num_workers, persistent_workers, pin_memory: DataLoader options (persistent workers
+            only with ``num_workers > 0``).
+        drop_last: drop the last incomplete training batch.
+        seed: seeds the augmentation and the loaders' generators (shuffling, worker seeds).
+        cache_images: decode images once at ``setup`` and keep them in memory: True for
+            train/val/test, or a list of split names.
+        loader: ``loader(path) -> uint8 [H, W, 3] RGB`` replacing ``record.load_image()``.
+    """
+
+    def __init__(
+        self,
+        train: Any = None,
+        val: Any = None,
+        test: Any = None,
+        predict: Any = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        image_size: int | Sequence[int] = (300, 300),
+        augment: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        cache_images: bool | Sequence[str] = False,
+        loader: ImageLoader | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_size = as_hw(image_size)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.pin_memory = bool(pin_memory)
+        self.drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.loader = loader
+        self.augment: dict[str, Any] = {**DEFAULT_AUGMENT, **dict(plain_config(augment) or {})}
+        unknown = set(self.augment) - set(_SPLITS)
+        if unknown:
+            raise ValueError(f"augment: unknown split(s) {sorted(unknown)}; splits: {_SPLITS}")
+        if isinstance(cache_images, bool):
+            self.cache_splits = {"train", "val", "test"} if cache_images else set()
+        else:
+            self.cache_splits = set(plain_config(cache_images))
+
+        self._records: dict[str, list[Record] | None] = {}
+        names: list[str] | None = None
+        for split, source in (("train", train), ("val", val), ("test", test)):
+            if source is None:
+                self._records[split] = None
+                continue
+            records, source_names = _split_source(source)
+            self._records[split] = records
+            names = names or source_names
+        if predict is None:
+            self._records["predict"] = None
+        elif hasattr(predict, "records") or (
+            isinstance(predict, (list, tuple)) and predict and isinstance(predict[0], Record)
+        ):
+            self._records["predict"] = _split_source(predict)[0]
+        else:
+            self._records["predict"] = predict_records(predict)
+        self._class_names = list(class_names) if class_names is not None else names
+        self.datasets: dict[str, DetectionDataset] = {}
+
+    # -- classes ------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        """The C class names (label ``i`` is ``class_names[i - 1]``)."""
+        if self._class_names is None:
+            raise AttributeError(
+                "no class names: give a source with .class_names or pass class_names=..."
+            )
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of object classes (background not counted)."""
+        return len(self.class_names)
+
+    # -- datasets -----------------------------------------------------------------------
+
+    def build_transform(self, split: str) -> Any:
+        """The augmentation pipeline of ``split`` (built from :attr:`augment`)."""
+        spec = plain_config(self.augment[split])
+        if spec is None:
+            return None
+        if callable(spec):
+            return spec
+        if isinstance(spec, str):
+            return build_transforms(spec, self.image_size, seed=self.seed)
+        options = dict(spec)
+        name = options.pop("name", DEFAULT_AUGMENT[split])
+        return build_transforms(name, self.image_size, seed=self.seed, **options)
+
+    def dataset(self, split: str) -> DetectionDataset | None:
+        """The split's dataset, built (and its images cached) on first use."""
+        if split not in self.datasets:
+            records = self._records.get(split)
+            if records is None:
+                return None
+            self.datasets[split] = DetectionDataset(
+                records,
+                self.build_transform(split),
+                loader=self.loader,
+                cache=split in self.cache_splits,
+            )
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (``fit``, ``validate``, ``test``, ``predict``)."""
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }.get(stage or "", _SPLITS)
+        for split in wanted:
+            self.dataset(split)
+
+    # -- loaders ------------------------------------------------------------------------
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
+        ds = self.dataset(split)
+        if ds is None:
+            return []
+        train = split == "train"
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last and train,
+            collate_fn=collate_detection,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader | list:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader("predict", shuffle=False)
