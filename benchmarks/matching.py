@@ -5,8 +5,9 @@ SSD300 anchors, each image holding 1 to 8 random (seeded) ground-truth boxes:
 
 - **ssdlit**: ``SSDMatcher(matching="multi", pos_iou_threshold=0.5, neg_iou_limit=0.3)``
   on the padded batch ``[B, G, 4]`` at once, then batched encoding with
-  ``BoxCoder((0.1, 0.1, 0.2, 0.2))`` into regression targets ``[B, 8732, 4]`` and
-  class targets ``[B, 8732]``; no Python loop over images.
+  ``BoxCoder((0.1, 0.1, 0.2, 0.2))`` of the positive anchors' regression targets
+  ``[P, 4]`` (what the MultiBox loss regresses; torchvision also encodes only its
+  foreground anchors) and class targets ``[B, 8732]``; no Python loop over images.
 - **torchvision**: the matching / target part of
   ``torchvision.models.detection.ssd.SSD`` (``forward`` in training mode and
   ``compute_loss``, the loss itself left out), image by image in a Python loop:
@@ -98,12 +99,14 @@ def ssdlit_targets(
     gt_labels: Tensor,
     anchors: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ssdlit, whole batch: ``matches [B, A]``, ``loc [B, A, 4]``, ``cls [B, A]``."""
+    """ssdlit, whole batch: ``matches [B, A]``, ``loc [P, 4]`` for the P positive anchors
+    (what the MultiBox loss regresses, like torchvision's foreground-only encoding) and
+    ``cls [B, A]``."""
     matches = matcher(gt_boxes, gt_mask, anchors)  # [B, A]
-    idx = matches.clamp(min=0)  # [B, A]
-    matched = torch.gather(gt_boxes, 1, idx[:, :, None].expand(-1, -1, 4))  # [B, A, 4] xyxy
-    loc = coder.encode(convert(matched, "xyxy", "cxcywh"), anchors)  # [B, A, 4]
-    cls = torch.gather(gt_labels, 1, idx).masked_fill(matches < 0, 0)  # [B, A]
+    pb, pa = (matches >= 0).nonzero(as_tuple=True)  # [P] each
+    matched = gt_boxes[pb, matches[pb, pa]]  # [P, 4] xyxy
+    loc = coder.encode(convert(matched, "xyxy", "cxcywh"), anchors[pa])  # [P, 4]
+    cls = torch.gather(gt_labels, 1, matches.clamp(min=0)).masked_fill_(matches < 0, 0)  # [B, A]
     return matches, loc, cls
 
 
@@ -235,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         return torchvision_targets(proposal_matcher, box_coder, boxes, labels, anchors_per_image)
 
     # -- sanity (printed, never asserted: the two matching rules differ) --
-    matches, loc, cls = ssdlit_targets(matcher, coder, gt_boxes, gt_mask, gt_labels, anchors)
+    matches, loc_pos, cls = ssdlit_targets(matcher, coder, gt_boxes, gt_mask, gt_labels, anchors)
+    loc = torch.zeros(args.batch, num_anchors, 4, device=device)
+    loc[matches >= 0] = loc_pos  # nonzero() order is row-major, as in ssdlit_targets
     tv_matched, tv_fg, tv_loc, tv_cls = torchvision_targets(
         proposal_matcher, box_coder, boxes, labels, anchors_per_image
     )
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"device {device}, torch.set_num_threads({args.threads}), torch {torch.__version__}, "
-        f"machine: {machine_name()}"
+        f"machine: {machine_name()}, load average {os.getloadavg()[0]:.2f}"
     )
     print(
         f"sanity: positive anchors ssdlit {ours_pos} (ignored {int((matches == -2).sum())}), "

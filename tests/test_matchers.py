@@ -178,3 +178,28 @@ def test_registry_builds_matchers():
         SSDMatcher(matching="hungarian")
     with pytest.raises(ValueError, match="gt_mask"):
         SSDMatcher()(torch.zeros(1, 2, 4), torch.ones(1, 3, dtype=torch.bool), STRIP)
+
+
+@pytest.mark.parametrize(
+    "anchors",
+    [
+        SSDAnchorGenerator.ssd300()(SSD300_MAPS),
+        SSDAnchorGenerator.ssd300(clip=True)(SSD300_MAPS),  # clipped: not a product grid
+        YoloAnchorGenerator(
+            image_size=(64, 96), priors=[[(8, 8), (20, 12)], [(40, 40)]], strides=[16, 32]
+        )([(4, 6), (2, 3)]),
+        torch.rand(40, 4) * 0.5 + 0.05,  # arbitrary anchors
+    ],
+)
+def test_fast_overlaps_equal_plain_iou(anchors):
+    from ssdlit.anchors.matchers import AnchorOverlaps
+    from ssdlit.boxes import box_iou, convert
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3, 5, 2, generator=g) * 0.7
+    boxes = torch.cat([xy, xy + torch.rand(3, 5, 2, generator=g) * 0.3 + 0.01], -1)
+    boxes[0, 0] = 0.0  # a degenerate (zero-area) gt gives IoU 0, not NaN
+    fast = AnchorOverlaps(anchors)
+    expected = box_iou(boxes, convert(anchors, "cxcywh", "xyxy"))
+    assert torch.equal(fast(boxes), expected)
+    assert torch.equal(fast(boxes, reuse=True), expected)

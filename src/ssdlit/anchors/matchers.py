@@ -19,16 +19,19 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ssdlit.boxes import box_iou, convert
+from ssdlit.boxes import convert
 from ssdlit.registry import MATCHERS
 
 __all__ = [
     "BACKGROUND",
     "IGNORE",
+    "AnchorOverlaps",
     "FasterRCNNMatcher",
     "Matcher",
     "SSDMatcher",
     "YOLOv3Matcher",
+    "anchor_overlaps",
+    "bipartite",
     "masked_iou",
 ]
 
@@ -36,10 +39,137 @@ BACKGROUND = -1
 IGNORE = -2
 
 
+def _grid_levels(anchors_cxcywh: Tensor) -> list[tuple[int, int, int, int]] | None:
+    """Split anchors into product grids ``(start, fh, fw, n)``, or None if they are not.
+
+    A level is a product grid when, in the order (row y, column x, box k), the centre x
+    depends only on x, the centre y only on y and the size only on k: what every
+    unclipped generator of ssdlit gives. Anything else returns None.
+    """
+    a = anchors_cxcywh.detach().cpu()
+    total, start, levels = a.shape[0], 0, []
+    while start < total:
+        centre = a[start, :2]
+        n = 1  # boxes in the first cell
+        while start + n < total and torch.equal(a[start + n, :2], centre):
+            n += 1
+        fw = 1  # cells in the first row
+        while start + (fw + 1) * n <= total and a[start + fw * n, 1] == centre[1]:
+            fw += 1
+        row0 = a[start : start + fw * n].view(fw, n, 4)
+        fh = 1
+        while start + (fh + 1) * fw * n <= total:
+            row = a[start + fh * fw * n : start + (fh + 1) * fw * n].view(fw, n, 4)
+            if not (
+                torch.equal(row[..., 0], row0[..., 0])
+                and torch.equal(row[..., 2:], row0[..., 2:])
+                and bool((row[..., 1] == row[0, 0, 1]).all())
+                and row[0, 0, 1] != a[start + (fh - 1) * fw * n, 1]
+            ):
+                break
+            fh += 1
+        block = a[start : start + fh * fw * n].view(fh, fw, n, 4)
+        if not (
+            bool((block[..., 0] == block[:1, :, :1, 0]).all())
+            and bool((block[..., 1] == block[:, :1, :1, 1]).all())
+            and bool((block[..., 2:] == block[:1, :1, :, 2:]).all())
+        ):
+            return None
+        levels.append((start, fh, fw, n))
+        start += fh * fw * n
+    return levels if len(levels) <= 32 else None
+
+
+class AnchorOverlaps:
+    """IoU of batched gt boxes against one fixed anchor set, built for speed.
+
+    Anchors from a generator form product grids: on a level the x-interval of an
+    anchor depends only on its column and box, the y-interval only on its row and box.
+    The intersection of a gt with a whole level is then the outer product of its
+    widths ``[fw, n]`` and heights ``[fh, n]``, written in one operation; the IoU
+    equals the direct formula (same operations on the same numbers). Anchors that
+    are not product grids (clipped, hand-made) take the direct path.
+    """
+
+    def __init__(self, anchors_cxcywh: Tensor) -> None:
+        xyxy = convert(anchors_cxcywh, "cxcywh", "xyxy")
+        self.xyxy = xyxy
+        self.area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])  # [A]
+        self.levels = _grid_levels(anchors_cxcywh)
+        self._work: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.parts: list[tuple[int, int, int, int, Tensor, Tensor]] = []
+        for start, fh, fw, n in self.levels or []:
+            block = xyxy[start : start + fh * fw * n].view(fh, fw, n, 4)
+            x_int = block[0, :, :, 0::2].contiguous()  # [fw, n, 2] (x1, x2)
+            y_int = block[:, 0, :, 1::2].contiguous()  # [fh, n, 2] (y1, y2)
+            self.parts.append((start, fh, fw, n, x_int, y_int))
+
+    def __call__(self, gt_boxes: Tensor, reuse: bool = False) -> Tensor:
+        """IoU ``[B, G, A]`` of ``gt_boxes [B, G, 4]`` xyxy with the anchors.
+
+        With ``reuse`` the result lives in a workspace that the next call with the
+        same shape overwrites (no fresh allocation: large fresh tensors cost page
+        faults on every call); use it for values consumed at once.
+        """
+        g = gt_boxes.to(self.area.dtype)
+        b, m = g.shape[:2]
+        flat = g.reshape(b * m, 4)
+        x1, y1, x2, y2 = (c[:, None, None] for c in flat.unbind(-1))  # [BG, 1, 1]
+        shape = (b * m, self.area.shape[0])
+        if reuse:
+            key = (shape, flat.dtype, flat.device)
+            if key not in self._work:
+                self._work.clear()
+                self._work[key] = (flat.new_empty(shape), flat.new_empty(shape))
+            inter, union = self._work[key]
+        else:
+            inter, union = flat.new_empty(shape), flat.new_empty(shape)  # [BG, A] each
+        if self.parts:
+            for start, fh, fw, n, xi, yi in self.parts:
+                iw = (torch.minimum(x2, xi[..., 1]) - torch.maximum(x1, xi[..., 0])).clamp_(min=0)
+                ih = (torch.minimum(y2, yi[..., 1]) - torch.maximum(y1, yi[..., 0])).clamp_(min=0)
+                out = inter[:, start : start + fh * fw * n].view(b * m, fh, fw, n)
+                torch.mul(ih[:, :, None, :], iw[:, None, :, :], out=out)  # [BG, fh, fw, n]
+        else:
+            ax = self.xyxy
+            iw = (
+                torch.minimum(x2[:, :, 0], ax[:, 2]) - torch.maximum(x1[:, :, 0], ax[:, 0])
+            ).clamp_(min=0)
+            ih = (
+                torch.minimum(y2[:, :, 0], ax[:, 3]) - torch.maximum(y1[:, :, 0], ax[:, 1])
+            ).clamp_(min=0)
+            torch.mul(iw, ih, out=inter)
+        torch.add(
+            ((flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1]))[:, None], self.area, out=union
+        )
+        union.sub_(inter)
+        return inter.div_(union).nan_to_num_(0.0).view(b, m, -1)  # zero union -> 0
+
+
+_OVERLAPS_CACHE: dict[tuple, AnchorOverlaps] = {}
+
+
+def anchor_overlaps(anchors_cxcywh: Tensor) -> AnchorOverlaps:
+    """The :class:`AnchorOverlaps` of ``anchors``, cached while the tensor is unchanged."""
+    key = (
+        anchors_cxcywh.data_ptr(),
+        anchors_cxcywh._version,
+        tuple(anchors_cxcywh.shape),
+        anchors_cxcywh.dtype,
+        anchors_cxcywh.device,
+    )
+    found = _OVERLAPS_CACHE.get(key)
+    if found is None:
+        if len(_OVERLAPS_CACHE) >= 8:
+            _OVERLAPS_CACHE.clear()
+        found = _OVERLAPS_CACHE[key] = AnchorOverlaps(anchors_cxcywh.detach())
+    return found
+
+
 def masked_iou(gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
     """IoU ``[B, G, A]`` of gt boxes (xyxy) and anchors (cxcywh); padded rows are -1."""
-    iou = box_iou(gt_boxes, convert(anchors, "cxcywh", "xyxy").to(gt_boxes.dtype))
-    return iou.masked_fill(~gt_mask[:, :, None], -1.0)
+    iou = anchor_overlaps(anchors.to(gt_boxes.dtype))(gt_boxes)
+    return iou.masked_fill_(~gt_mask[:, :, None], -1.0)
 
 
 def _check(gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> None:
@@ -109,6 +239,38 @@ def greedy_bipartite(iou: Tensor) -> Tensor:
     return matches
 
 
+def bipartite(iou: Tensor, gt_mask: Tensor) -> Tensor:
+    """Greedy bipartite matching (:func:`greedy_bipartite`) with a fast common case.
+
+    When the best anchors of an image's gts are all different, the greedy procedure
+    gives every gt its own best anchor (lowest index on ties), so only images where
+    two gts share a best anchor run the sequential procedure.
+
+    Args:
+        iou: ``[B, G, A]``, padded rows negative; gt_mask: ``[B, G]``.
+    Returns:
+        ``[B, A]`` long: the gt matched to each anchor, or -1.
+    """
+    b, g, a = iou.shape
+    best_anchor = iou.argmax(dim=2)  # [B, G], first maximum
+    # Padded slots get distinct negative ids so that they never look like a clash.
+    ids = torch.where(gt_mask, best_anchor, -1 - torch.arange(g, device=iou.device))
+    ordered = ids.sort(dim=1).values
+    clash = (
+        (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if g > 1
+        else ids.new_zeros(b, dtype=torch.bool)
+    )
+    matches = torch.full((b, a), BACKGROUND, dtype=torch.long, device=iou.device)
+    gt_ids = torch.arange(g, device=iou.device).expand(b, g)
+    src = torch.where(gt_mask & ~clash[:, None], gt_ids, BACKGROUND)
+    matches.scatter_reduce_(1, best_anchor, src, reduce="amax")
+    if bool(clash.any()):
+        rows = clash.nonzero().flatten()
+        matches[rows] = greedy_bipartite(iou[rows])
+    return matches
+
+
 @MATCHERS.register("ssd")
 class SSDMatcher(Matcher):
     """SSD matching as ssd_keras's ``SSDInputEncoder`` does it.
@@ -138,17 +300,54 @@ class SSDMatcher(Matcher):
         self.neg_iou_limit = None if neg_iou_limit is None else float(neg_iou_limit)
 
     def match(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
-        iou = masked_iou(gt_boxes, gt_mask, anchors)  # [B, G, A]
-        matches = greedy_bipartite(iou)
-        best_iou, best_gt = iou.max(dim=1)  # [B, A], lowest gt on ties
+        b, g = gt_mask.shape
+        a = anchors.shape[0]
+        dev = gt_boxes.device
+        matches = torch.full((b, a), BACKGROUND, dtype=torch.long, device=dev)
+        # Only the real gts, packed: rows grouped by image, in slot order.
+        img, slot = gt_mask.nonzero(as_tuple=True)  # [M] each
+        m = img.shape[0]
+        if m == 0:
+            return matches
+        overlaps = anchor_overlaps(anchors.to(gt_boxes.dtype))
+        iou = overlaps(gt_boxes[img, slot][None], reuse=True)[0]  # [M, A]
+
+        # 1. Greedy bipartite; common case: the best anchors of an image's gts all differ.
+        best_anchor = iou.argmax(dim=1)  # [M], first maximum
+        key, order = (img * a + best_anchor).sort()
+        dup = key[1:] == key[:-1]
+        clash_img = torch.zeros(b, dtype=torch.bool, device=dev)
+        clash_img[img[order[1:][dup]]] = True
+        easy = ~clash_img[img]
+        matches[img[easy], best_anchor[easy]] = slot[easy]
+        if bool(clash_img.any()):
+            rows = clash_img.nonzero().flatten()
+            padded = iou.new_full((rows.shape[0], g, a), -1.0)  # [R, G, A]
+            pos_in_rows = torch.full((b,), -1, dtype=torch.long, device=dev)
+            pos_in_rows[rows] = torch.arange(rows.shape[0], device=dev)
+            sel = clash_img[img]
+            padded[pos_in_rows[img[sel]], slot[sel]] = iou[sel]
+            matches[rows] = greedy_bipartite(padded)
+
+        # 2. Best IoU of every anchor over the gts of its image.
+        best_iou = iou.new_full((b, a), -1.0)
+        best_iou.scatter_reduce_(0, img[:, None].expand(m, a), iou, reduce="amax")
         free = matches == BACKGROUND
         if self.matching == "multi":
             positive = free & (best_iou >= self.pos_iou_threshold)
-            matches = torch.where(positive, best_gt, matches)
+            pb, pa = positive.nonzero(as_tuple=True)  # [P]
+            if pb.numel():
+                # The best gt of each positive anchor, lowest slot on ties.
+                counts = torch.bincount(img, minlength=b)
+                first = torch.cumsum(counts, 0) - counts  # first packed row of each image
+                j = torch.arange(int(counts.max()), device=dev)  # [Gmax]
+                valid = j[None, :] < counts[pb, None]  # [P, Gmax]
+                rows_pj = (first[pb, None] + j[None, :]).clamp(max=m - 1)
+                cand = iou[rows_pj, pa[:, None]].masked_fill(~valid, -1.0)  # [P, Gmax]
+                matches[pb, pa] = slot[first[pb] + cand.argmax(dim=1)]
             free = free & ~positive
         if self.neg_iou_limit is not None:
-            neutral = free & (best_iou >= self.neg_iou_limit)
-            matches = matches.masked_fill(neutral, IGNORE)
+            matches.masked_fill_(free & (best_iou >= self.neg_iou_limit), IGNORE)
         return matches
 
     def __repr__(self) -> str:
