@@ -96,6 +96,8 @@ class AnchorOverlaps:
         self.xyxy = xyxy
         self.area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])  # [A]
         self.levels = _grid_levels(anchors_cxcywh)
+        # With positive anchor areas the union is never 0 (it is at least the anchor's).
+        self._may_divide_by_zero = bool((self.area <= 0).any())
         self._work: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.parts: list[tuple[int, int, int, int, Tensor, Tensor]] = []
         for start, fh, fw, n in self.levels or []:
@@ -143,7 +145,10 @@ class AnchorOverlaps:
             ((flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1]))[:, None], self.area, out=union
         )
         union.sub_(inter)
-        return inter.div_(union).nan_to_num_(0.0).view(b, m, -1)  # zero union -> 0
+        iou = inter.div_(union)
+        if self._may_divide_by_zero:
+            iou.nan_to_num_(0.0)  # a zero union (degenerate pair) gives IoU 0
+        return iou.view(b, m, -1)
 
 
 _OVERLAPS_CACHE: dict[tuple, AnchorOverlaps] = {}
