@@ -159,3 +159,15 @@ def test_torchscript_matches_eager(tmp_path):
         eager = det(images)[0]
     eager[:, 2:] *= torch.tensor([128.0, 96.0, 128.0, 96.0])  # the exported graph speaks pixels
     assert torch.allclose(flat[:, 1:], eager, atol=1e-4)
+
+
+def test_onnx_verification_catches_a_different_model(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is part of the dev extra")
+    torch.manual_seed(0)
+    exported = tiny().eval()
+    path = export_onnx(exported, tmp_path / "model.onnx")
+    torch.manual_seed(1)
+    other = tiny().eval()
+    images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
+    with pytest.raises(AssertionError, match="disagree"):
+        verify_onnx(other, path, images)

@@ -77,32 +77,56 @@ def run_onnx(path: str | Path, images: Tensor | np.ndarray) -> np.ndarray:
 
 
 def verify_onnx(
-    detector: Detector, path: str | Path, images: Tensor, atol: float = 1e-3
+    detector: Detector,
+    path: str | Path,
+    images: Tensor,
+    atol: float = 1e-2,
+    score_tol: float = 1e-4,
 ) -> dict[str, float]:
     """Compare onnxruntime's detections with PyTorch's on ``images``; raise if they differ.
 
-    Detections are compared after sorting by (image, score); boxes within ``atol``
-    pixels, scores within 1e-4. Returns the largest differences found.
+    Every detection must have a partner in the other output: same image and label,
+    score within ``score_tol`` and box within ``atol`` pixels. The two runtimes round
+    differently, so candidates whose scores differ by less than ``score_tol`` may swap
+    places; the only detections allowed without a partner are those at the top-k cut
+    of their image (scores within ``score_tol`` of its lowest kept score). Returns the
+    number of detections and the largest differences found among the pairs.
     """
     with torch.no_grad():
-        ours = ExportWrapper(detector).eval()(images).cpu().numpy()
-    theirs = run_onnx(path, images)
-    if ours.shape != theirs.shape:
-        raise AssertionError(f"ONNX gives {theirs.shape[0]} detections, PyTorch {ours.shape[0]}")
-
-    def order(a: np.ndarray) -> np.ndarray:
-        return a[np.lexsort((-a[:, 2], a[:, 0]))]
-
-    ours, theirs = order(ours), order(theirs)
-    diff_box = float(np.abs(ours[:, 3:] - theirs[:, 3:]).max(initial=0.0))
-    diff_score = float(np.abs(ours[:, 2] - theirs[:, 2]).max(initial=0.0))
-    same_labels = bool((ours[:, :2] == theirs[:, :2]).all())
-    if not same_labels or diff_box > atol or diff_score > 1e-4:
-        raise AssertionError(
-            f"ONNX and PyTorch disagree: labels equal={same_labels}, max box diff "
-            f"{diff_box:.4g} px, max score diff {diff_score:.4g}"
-        )
-    return {"detections": float(len(ours)), "max_box_diff": diff_box, "max_score_diff": diff_score}
+        ours = ExportWrapper(detector).eval()(images).cpu().numpy().astype(np.float64)
+    theirs = run_onnx(path, images).astype(np.float64)
+    worst = {"box": 0.0, "score": 0.0}
+    for img in np.union1d(ours[:, 0], theirs[:, 0]):
+        a, b = ours[ours[:, 0] == img], theirs[theirs[:, 0] == img]
+        close = (
+            (a[:, None, 1] == b[None, :, 1])
+            & (np.abs(a[:, None, 2] - b[None, :, 2]) <= score_tol)
+            & (np.abs(a[:, None, 3:] - b[None, :, 3:]).max(axis=2, initial=0.0) <= atol)
+        )  # [n, m] possible partners
+        used = np.zeros(len(b), dtype=bool)
+        unmatched_a = []
+        for i in range(len(a)):
+            options = np.nonzero(close[i] & ~used)[0]
+            if options.size == 0:
+                unmatched_a.append(i)
+                continue
+            j = options[np.argmin(np.abs(a[i, 2] - b[options, 2]))]
+            used[j] = True
+            worst["box"] = max(worst["box"], float(np.abs(a[i, 3:] - b[j, 3:]).max(initial=0.0)))
+            worst["score"] = max(worst["score"], float(abs(a[i, 2] - b[j, 2])))
+        cut = min(a[:, 2].min(initial=np.inf), b[:, 2].min(initial=np.inf))
+        loose = [a[i] for i in unmatched_a] + [b[j] for j in np.nonzero(~used)[0]]
+        bad = [row for row in loose if row[2] > cut + score_tol]
+        if bad:
+            raise AssertionError(
+                f"ONNX and PyTorch disagree on image {int(img)}: {len(bad)} detections without "
+                f"a partner, e.g. (label, score, box) = {bad[0][1:].round(4).tolist()}"
+            )
+    return {
+        "detections": float(len(ours)),
+        "max_box_diff": worst["box"],
+        "max_score_diff": worst["score"],
+    }
 
 
 def export_torchscript(detector: Detector, path: str | Path, example: Tensor | None = None) -> Path:
