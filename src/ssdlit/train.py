@@ -1,0 +1,176 @@
+"""``python -m ssdlit.train [overrides]``: fit a detector, then evaluate its best checkpoint.
+
+With no arguments this is the demo: the synthetic VOC-format dataset is written under
+``data/synthetic`` on first use, a small SSD trains on the CPU, and the run folder
+(``outputs/train/<date>_<time>/``) receives::
+
+    config.yaml              the resolved config
+    checkpoints/best.ckpt    best by validation VOC07 mAP@0.5 (callbacks.checkpoint.monitor)
+    checkpoints/last.ckpt    the end of the last epoch (resume with ckpt_path=...)
+    tensorboard/             losses, learning rate, mAPs, per-class AP, prediction images
+    metrics.json             the best checkpoint's metrics on val (and test), per class
+    predictions.png          validation images with predicted (colour) and true (white) boxes
+
+Examples::
+
+    python -m ssdlit.train +experiment=ssd300_voc data.root=/data/VOCdevkit
+    python -m ssdlit.train backbone=mobilenet_v3_large anchors=ssdlite320 head=ssdlite image_size=[320,320]
+    python -m ssdlit.train -m optim.lr=1e-3,3e-3          # a sweep (Hydra's basic sweeper)
+    python -m ssdlit.train --config-dir my_conf +experiment=mine   # your own configs
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from ssdlit.module import DetectionModule
+from ssdlit.training.builders import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_module,
+    build_trainer,
+)
+from ssdlit.training.evaluation import format_ap_table
+from ssdlit.training.runs import limit_opencv_threads, run_dir, save_config, set_threads, write_json
+from ssdlit.training.visualize import prediction_grid, save_image
+
+__all__ = ["main", "save_predictions_picture", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def save_predictions_picture(
+    module: DetectionModule,
+    loader: Any,
+    path: str | Path,
+    max_images: int = 8,
+    score_threshold: float = 0.3,
+) -> Path | None:
+    """Draw the first batch of ``loader`` with ``module``'s predictions into ``path`` (PNG)."""
+    batch = next(iter(loader), None)
+    if batch is None:
+        return None
+    was_training = module.training
+    module.eval()
+    try:
+        images = batch["images"][:max_images].to(module.device)
+        detections = module(images)
+    finally:
+        module.train(was_training)
+    grid = prediction_grid(
+        batch["images"][:max_images],
+        detections,
+        module.class_names,
+        gt_boxes=batch["boxes"],
+        gt_labels=batch["labels"],
+        gt_mask=batch["mask"],
+        score_threshold=score_threshold,
+        max_images=max_images,
+    )
+    return save_image(grid, path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, evaluate the best checkpoint, write the run folder; returns the results dict."""
+    out_dir = run_dir(cfg)
+    save_config(cfg, out_dir / "config.yaml")
+    set_threads(cfg.get("threads"))
+    limit_opencv_threads()
+    pl.seed_everything(int(cfg.seed), workers=True)
+
+    datamodule = build_datamodule(cfg.data, cfg.get("augment"), cfg.image_size)
+    module = build_module(cfg, datamodule.class_names)
+    loggers = build_loggers(cfg.get("logger"), out_dir)
+    callbacks, best_cb = build_callbacks(cfg.get("callbacks"), out_dir, with_logger=bool(loggers))
+    trainer = build_trainer(cfg.trainer, out_dir, callbacks, loggers)
+    log.info(
+        "classes (%d): %s; anchors: %d; run folder: %s",
+        len(module.class_names),
+        ", ".join(module.class_names),
+        module.detector.anchors.shape[0],
+        out_dir,
+    )
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    fit_seconds = time.perf_counter() - start
+
+    best_path = best_cb.best_model_path if best_cb is not None else ""
+    ckpt = best_path or None  # None: the weights in memory (no best checkpoint written)
+    results: dict[str, Any] = {
+        "best_checkpoint": best_path or None,
+        "last_checkpoint": str(out_dir / "checkpoints" / "last.ckpt")
+        if (out_dir / "checkpoints" / "last.ckpt").is_file()
+        else None,
+        "monitor": best_cb.monitor if best_cb is not None else None,
+        "best_score": float(best_cb.best_model_score)
+        if best_cb is not None and best_cb.best_model_score is not None
+        else None,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "fit_seconds": round(fit_seconds, 2),
+        "class_names": module.class_names,
+    }
+    evaluate_cfg = cfg.get("evaluate") or {}
+    if trainer.interrupted:
+        log.warning("training was interrupted: skipping the final evaluation")
+    else:
+        if evaluate_cfg.get("val", True) and datamodule.val_dataloader():
+            trainer.validate(
+                module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+            )
+            results["val"] = module.last_eval.get("val")
+        if evaluate_cfg.get("test", True) and datamodule.test_dataloader():
+            trainer.test(
+                module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+            )
+            results["test"] = module.last_eval.get("test")
+    for split in ("val", "test"):
+        if results.get(split):
+            table = format_ap_table(results[split]["per_class"], results[split]["summary"])
+            log.info("%s (best checkpoint):\n%s", split, table)
+    if trainer.is_global_zero:
+        loader = datamodule.val_dataloader() or datamodule.test_dataloader()
+        picture = cfg.get("picture") or {}
+        if loader and picture.get("enabled", True):
+            png = save_predictions_picture(
+                module,
+                loader,
+                out_dir / "predictions.png",
+                max_images=int(picture.get("max_images", 8)),
+                score_threshold=float(picture.get("score_threshold", 0.3)),
+            )
+            results["predictions_png"] = str(png) if png else None
+        write_json(results, out_dir / "metrics.json")
+        log.info("metrics: %s", out_dir / "metrics.json")
+    return results
+
+
+def objective(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+    """The number a sweeper optimises: ``optimized_metric`` (``split/key``) of the results."""
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    split, _, name = str(key).partition("/")
+    value = (results.get(split) or {}).get("summary", {}).get(name)
+    return float(value) if value is not None else None
+
+
+@hydra.main(config_path="pkg://ssdlit.conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point (see the module docstring)."""
+    return objective(cfg, train(cfg))
+
+
+if __name__ == "__main__":
+    main()

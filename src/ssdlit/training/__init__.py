@@ -1,0 +1,1 @@
+"""Training support: config builders, callbacks, optimisers, checkpoint IO, pictures."""

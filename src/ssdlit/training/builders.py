@@ -1,0 +1,241 @@
+"""The config edge: turn the composed Hydra config into data, model, callbacks and Trainer.
+
+Only this module (and the apps) read the config tree; every component below it gets
+plain keyword arguments. The config layout it reads (see ``conf/``):
+
+- ``image_size``: the network input ``[H, W]`` (the data pipeline and the model share it);
+- ``backbone``, ``anchors``, ``head``, ``matcher``, ``postprocess``: registry specs;
+- ``data``: ``source`` (the options every split shares, with the ``DATASETS`` registry
+  ``name``), ``train`` / ``val`` / ``test`` (per-split options merged over ``source``, or
+  null for no such split), ``class_names`` (optional) and the loader options
+  (``batch_size``, ``eval_batch_size``, ``num_workers``, ...); any other key (``root``...)
+  is a free variable for interpolation;
+- ``augment``: ``train`` and ``eval`` pipeline specs (``{name: ssd|light|val, ...}``);
+- ``optim``, ``metrics``, ``trainer``, ``logger``, ``callbacks``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from ssdlit.datamodules import DetectionDataModule
+from ssdlit.module import DetectionModule, plain
+from ssdlit.registry import DATASETS
+from ssdlit.training.callbacks import ImagesPerSecond, PredictionImageLogger, StopOnNonFiniteLoss
+from ssdlit.training.checkpoint import AtomicCheckpointIO
+
+__all__ = [
+    "DATAMODULE_OPTIONS",
+    "LOGGERS",
+    "SPLITS",
+    "build_callbacks",
+    "build_datamodule",
+    "build_loggers",
+    "build_module",
+    "build_source",
+    "build_trainer",
+    "split_specs",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+#: ``data.*`` keys handed to :class:`~ssdlit.datamodules.DetectionDataModule`.
+DATAMODULE_OPTIONS = (
+    "class_names",
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "persistent_workers",
+    "pin_memory",
+    "drop_last",
+    "seed",
+    "cache_images",
+)
+
+#: Logger names usable under ``logger:`` (no import paths in configs).
+LOGGERS: dict[str, type[Logger]] = {"tensorboard": TensorBoardLogger, "csv": CSVLogger}
+
+
+def split_specs(data: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """``{split: source spec or None}``: each split's options merged over ``data.source``."""
+    data = plain(data)
+    shared = dict(data.get("source") or {})
+    out: dict[str, dict[str, Any] | None] = {}
+    for split in SPLITS:
+        own = data.get(split)
+        out[split] = None if own is None else {**shared, **dict(own)}
+    return out
+
+
+def build_source(spec: Mapping[str, Any]) -> Any:
+    """A data source from ``{name: <DATASETS name>, **kwargs}``."""
+    kwargs = dict(spec)
+    name = kwargs.pop("name", None)
+    if name is None:
+        raise ValueError(f"a data source needs a 'name' (one of {DATASETS.names()}), got {spec}")
+    return DATASETS.build(name, **kwargs)
+
+
+def build_datamodule(
+    data: Mapping[str, Any],
+    augment: Mapping[str, Any] | None,
+    image_size: int | Sequence[int],
+    splits: Sequence[str] = SPLITS,
+    rename: Mapping[str, str] | None = None,
+    predict: Any = None,
+) -> DetectionDataModule:
+    """The datamodule of ``data`` with the ``augment`` pipelines at ``image_size``.
+
+    Args:
+        data, augment: the ``data`` and ``augment`` config nodes.
+        image_size: the network input ``(H, W)``.
+        splits: the splits to build (the sources of the others are never parsed).
+        rename: serve a split under another role, e.g. ``{"val": "test"}`` makes the
+            ``val`` source the datamodule's test split (``evaluate`` does this).
+        predict: images for the predict split (files, folders, globs).
+    """
+    data = plain(data)
+    aug = plain(augment) or {}
+    specs = split_specs(data)
+    rename = dict(rename or {})
+    sources: dict[str, Any] = {}
+    for split in splits:
+        spec = specs.get(split)
+        if spec is None:
+            continue
+        role = rename.get(split, split)
+        sources[role] = build_source(spec)
+        report = getattr(sources[role], "report", None)
+        if report is not None and hasattr(report, "summary"):
+            log.info("data %s: %s", split, report.summary())
+    eval_aug = aug.get("eval", "val")
+    options = {k: data[k] for k in DATAMODULE_OPTIONS if k in data and data[k] is not None}
+    return DetectionDataModule(
+        train=sources.get("train"),
+        val=sources.get("val"),
+        test=sources.get("test"),
+        predict=predict,
+        image_size=image_size,
+        augment={
+            "train": aug.get("train", "ssd"),
+            "val": eval_aug,
+            "test": eval_aug,
+            "predict": eval_aug,
+        },
+        **options,
+    )
+
+
+def build_module(cfg: Mapping[str, Any], class_names: Sequence[str]) -> DetectionModule:
+    """The :class:`~ssdlit.module.DetectionModule` of a composed config and the data's classes."""
+    return DetectionModule(
+        class_names=list(class_names),
+        image_size=plain(cfg["image_size"]),
+        backbone=cfg["backbone"],
+        anchors=cfg["anchors"],
+        head=cfg["head"],
+        matcher=cfg.get("matcher"),
+        postprocess=cfg.get("postprocess"),
+        optim=cfg.get("optim"),
+        metrics=cfg.get("metrics"),
+        clip_boxes=bool(cfg.get("clip_boxes", True)),
+    )
+
+
+def build_loggers(logger: Mapping[str, Any] | None, run_dir: str | Path) -> list[Logger]:
+    """Loggers under ``run_dir`` from ``{tensorboard: {...}, csv: {...}}`` (None/{}: none)."""
+    out: list[Logger] = []
+    for name, options in (plain(logger) or {}).items():
+        if options is None:
+            continue
+        if name not in LOGGERS:
+            raise ValueError(f"unknown logger {name!r}; known: {', '.join(LOGGERS)}")
+        out.append(LOGGERS[name](save_dir=str(run_dir), **dict(options)))
+    return out
+
+
+def build_callbacks(
+    callbacks: Mapping[str, Any] | None, run_dir: str | Path, with_logger: bool = True
+) -> tuple[list[Callback], ModelCheckpoint | None]:
+    """The training callbacks and the best-checkpoint callback (first, so ``ckpt_path="best"``
+    finds it).
+
+    ``callbacks`` keys (each null to disable): ``checkpoint`` (``monitor``, ``mode``,
+    ``dirpath`` relative to ``run_dir``, ``filename``), ``last_checkpoint`` (``every_n_epochs``),
+    ``lr_monitor``, ``throughput``, ``image_logger``, ``stop_on_nonfinite``, ``early_stopping``.
+    Without a logger (``with_logger=False``) the learning-rate monitor is left out (it needs one).
+    """
+    cfg = plain(callbacks) or {}
+    run_dir = Path(run_dir)
+    out: list[Callback] = []
+    best: ModelCheckpoint | None = None
+    ck = cfg.get("checkpoint")
+    ckpt_dir = run_dir / str((ck or {}).get("dirpath", "checkpoints"))
+    if ck is not None:
+        # The best checkpoint by the monitored metric, written as best.ckpt.
+        best = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename=str(ck.get("filename", "best")),
+            monitor=ck.get("monitor", "val/voc07_map50"),
+            mode=str(ck.get("mode", "max")),
+            save_top_k=1,
+            save_last=False,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+        out.append(best)
+    last = cfg.get("last_checkpoint")
+    if last is not None:
+        # last.ckpt after every epoch (Lightning's save_last with a monitor only writes it when
+        # the monitored value improves), the file `ckpt_path=last` resumes from.
+        out.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="last",
+                monitor=None,
+                save_top_k=1,
+                every_n_epochs=int(last.get("every_n_epochs", 1)),
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
+            )
+        )
+    if cfg.get("lr_monitor") is not None and with_logger:
+        out.append(LearningRateMonitor(**dict(cfg["lr_monitor"])))
+    if cfg.get("throughput") is not None:
+        out.append(ImagesPerSecond(**dict(cfg["throughput"])))
+    if cfg.get("image_logger") is not None:
+        out.append(PredictionImageLogger(**dict(cfg["image_logger"])))
+    if cfg.get("stop_on_nonfinite"):
+        out.append(StopOnNonFiniteLoss())
+    if cfg.get("early_stopping") is not None:
+        from pytorch_lightning.callbacks import EarlyStopping
+
+        out.append(EarlyStopping(**dict(cfg["early_stopping"])))
+    return out, best
+
+
+def build_trainer(
+    trainer: Mapping[str, Any],
+    run_dir: str | Path,
+    callbacks: Sequence[Callback] = (),
+    loggers: Sequence[Logger] = (),
+) -> pl.Trainer:
+    """``pl.Trainer(**trainer)`` with atomic checkpoint IO, ``run_dir`` as the root folder."""
+    options = plain(trainer) or {}
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        callbacks=list(callbacks),
+        logger=list(loggers) if loggers else False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        plugins=[AtomicCheckpointIO()],
+        **options,
+    )

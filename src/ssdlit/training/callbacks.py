@@ -1,0 +1,200 @@
+"""Lightning callbacks of the training app.
+
+- :class:`StopOnNonFiniteLoss`: a NaN or infinite training loss stops the run *before* the
+  optimiser step that would spread it into the weights, with a message that names the step
+  and the loss terms; since no checkpoint is written after it, the last good ``last.ckpt``
+  stays as it was.
+- :class:`ImagesPerSecond`: training throughput (images/s, data loading included) on the
+  progress bar and in the logs.
+- :class:`PredictionImageLogger`: every few epochs, a grid of validation images with
+  predicted (coloured) and ground-truth (white) boxes, to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+
+from ssdlit.training.visualize import prediction_grid
+
+__all__ = [
+    "ImagesPerSecond",
+    "NonFiniteLossError",
+    "PredictionImageLogger",
+    "StopOnNonFiniteLoss",
+]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run was stopped."""
+
+
+def _last_checkpoint(trainer: pl.Trainer) -> str | None:
+    paths = [
+        getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        for cb in trainer.checkpoint_callbacks
+    ]
+    paths = [p for p in paths if p]
+    return paths[-1] if paths else None
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop training on a NaN/inf loss, before ``backward`` and the optimiser step.
+
+    Raises :class:`NonFiniteLossError` (every rank agrees first, so DDP does not hang). No
+    checkpoint is saved on the way out, so the last checkpoint written (``last.ckpt``, the
+    end of the previous epoch) holds the last good weights.
+    """
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        terms = getattr(pl_module, "last_losses", {}) or {}
+        detail = (
+            ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) or f"loss={float(loss):.4g}"
+        )
+        last = _last_checkpoint(trainer)
+        message = (
+            f"non-finite training loss at epoch {trainer.current_epoch}, global step "
+            f"{trainer.global_step} ({detail}); training stopped before this step's update. "
+            + (
+                f"The last good checkpoint is {last}. "
+                if last
+                else "No checkpoint had been written yet. "
+            )
+            + "Lower optim.lr, add warm-up (optim.scheduler.warmup_steps) or gradient clipping "
+            "(trainer.gradient_clip_val), or check the data."
+        )
+        log.error(message)
+        raise NonFiniteLossError(message)
+
+
+class ImagesPerSecond(Callback):
+    """Log training throughput, ``train/images_per_sec``, on the progress bar.
+
+    The time of a step runs from the end of the previous step to the end of this one, so it
+    includes waiting for the data loader. The value shown is an exponential moving average
+    (``smoothing``); the epoch's mean is logged as ``train/images_per_sec_epoch``.
+    """
+
+    def __init__(self, smoothing: float = 0.9) -> None:
+        self.smoothing = float(smoothing)
+        self._last: float | None = None
+        self._ema: float | None = None
+        self._images = 0
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = time.perf_counter()
+        self._start = self._last
+        self._images = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        now = time.perf_counter()
+        n = int(batch["images"].shape[0]) * trainer.world_size
+        self._images += n
+        if self._last is not None and now > self._last:
+            rate = n / (now - self._last)
+            self._ema = (
+                rate
+                if self._ema is None
+                else self.smoothing * self._ema + (1 - self.smoothing) * rate
+            )
+            pl_module.log(
+                "train/images_per_sec", self._ema, prog_bar=True, on_step=True, on_epoch=False
+            )
+        self._last = now
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        elapsed = time.perf_counter() - self._start
+        if elapsed > 0 and self._images:
+            pl_module.log(
+                "train/images_per_sec_epoch", self._images / elapsed, on_step=False, on_epoch=True
+            )
+
+
+class PredictionImageLogger(Callback):
+    """Every ``every_n_epochs`` (and at the last epoch), a grid of the first validation
+    batch's images with predicted and ground-truth boxes, as ``val/predictions`` in
+    TensorBoard.
+
+    Args:
+        every_n_epochs: how often (0 disables it).
+        max_images: images in the grid.
+        score_threshold: predictions below it are not drawn.
+    """
+
+    def __init__(
+        self, every_n_epochs: int = 5, max_images: int = 8, score_threshold: float = 0.3
+    ) -> None:
+        self.every_n_epochs = int(every_n_epochs)
+        self.max_images = int(max_images)
+        self.score_threshold = float(score_threshold)
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if self.every_n_epochs <= 0 or trainer.sanity_checking:
+            return False
+        epoch = trainer.current_epoch + 1
+        last = (
+            trainer.max_epochs is not None
+            and trainer.max_epochs > 0
+            and epoch >= trainer.max_epochs
+        )
+        return epoch % self.every_n_epochs == 0 or last
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if (
+            batch_idx != 0
+            or dataloader_idx != 0
+            or not trainer.is_global_zero
+            or not self._due(trainer)
+        ):
+            return
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not writers or not isinstance(outputs, (list, tuple)):
+            return
+        grid = prediction_grid(
+            batch["images"],
+            outputs,
+            getattr(pl_module, "class_names", []),
+            gt_boxes=batch["boxes"],
+            gt_labels=batch["labels"],
+            gt_mask=batch["mask"],
+            score_threshold=self.score_threshold,
+            max_images=self.max_images,
+        )
+        for writer in writers:
+            writer.add_image("val/predictions", grid, global_step=trainer.global_step)
+
+
+def _finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
