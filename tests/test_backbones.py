@@ -316,3 +316,14 @@ def test_pretrained_trunk_loads_from_cache_offline(name, empty_hub):
     ours = model.state_dict()
     for our_key, their_key in pairs.items():
         torch.testing.assert_close(ours[our_key], state[their_key], msg=our_key)
+
+
+def test_ssd7_activation_option():
+    relu = BACKBONES.build("ssd7", activation="relu").eval()
+    assert any(isinstance(m, torch.nn.ReLU) for m in relu.modules())
+    assert not any(isinstance(m, torch.nn.ELU) for m in relu.modules())
+    with torch.no_grad():
+        sizes = [tuple(f.shape[-2:]) for f in relu(torch.zeros(1, 3, 64, 64))]
+    assert sizes == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    with pytest.raises(ValueError, match="activation"):
+        BACKBONES.build("ssd7", activation="gelu")

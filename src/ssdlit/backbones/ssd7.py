@@ -19,8 +19,11 @@ from ssdlit.registry import BACKBONES
 __all__ = ["SSD7"]
 
 
-def _block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
-    """Conv ("same" padding, no bias: batch norm follows) + batch norm + ELU."""
+ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU}
+
+
+def _block(in_channels: int, out_channels: int, kernel: int, activation: str) -> nn.Sequential:
+    """Conv ("same" padding, no bias: batch norm follows) + batch norm + activation."""
     return nn.Sequential(
         OrderedDict(
             [
@@ -30,7 +33,7 @@ def _block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
                 ),
                 # Keras BatchNormalization defaults: momentum 0.99 (0.01 here), epsilon 1e-3.
                 ("bn", nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01)),
-                ("act", nn.ELU(inplace=True)),
+                ("act", ACTIVATIONS[activation](inplace=True)),
             ]
         )
     )
@@ -44,6 +47,8 @@ class SSD7(Backbone):
         pretrained: must be False (there are no pretrained weights for SSD7).
         widths: filters of the seven blocks.
         num_outputs: how many of the last blocks are returned (4 in ssd_keras).
+        activation: ``"elu"`` (ssd_keras) or ``"relu"`` (about 4x cheaper on a CPU, where
+            the full-resolution first block dominates the cost).
 
     The input is expected scaled to [-1, 1] (ssd_keras's ``intensity_mean=127.5``,
     ``intensity_range=127.5``): ``mean = std = (0.5, 0.5, 0.5)``.
@@ -58,16 +63,19 @@ class SSD7(Backbone):
         pretrained: bool = False,
         widths: Sequence[int] = (32, 48, 64, 64, 48, 48, 32),
         num_outputs: int = 4,
+        activation: str = "elu",
     ) -> None:
         super().__init__()
         if pretrained:
             raise ValueError("ssd7 is trained from scratch: there are no pretrained weights")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if not 1 <= num_outputs <= len(widths):
             raise ValueError(f"num_outputs must be in 1..{len(widths)}, got {num_outputs}")
         blocks = []
         in_channels = 3
         for i, out in enumerate(widths):
-            blocks.append(_block(in_channels, out, 5 if i == 0 else 3))
+            blocks.append(_block(in_channels, out, 5 if i == 0 else 3, activation))
             in_channels = out
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.MaxPool2d(2, 2)
