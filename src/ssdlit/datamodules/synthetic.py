@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -385,6 +385,46 @@ def write_synthetic_voc(
         max_objects=int(max_objects),
         jpeg_quality=int(jpeg_quality),
     )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # One writer at a time per root: processes that start together (DDP ranks, sweep jobs)
+    # wait for the first one and then find its dataset in place.
+    with open(root.parent / f".lock-{root.name}", "w") as lock:
+        _lock(lock)
+        return _write_locked(
+            root,
+            params,
+            counts,
+            classes,
+            (height, width),
+            seed,
+            min_objects,
+            max_objects,
+            jpeg_quality,
+        )
+
+
+def _lock(handle: IO[str]) -> None:
+    """Exclusive advisory lock on ``handle`` (released when it is closed)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, single writer assumed
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+
+def _write_locked(
+    root: Path,
+    params: dict,
+    counts: Mapping[str, int],
+    classes: list[str],
+    size: tuple[int, int],
+    seed: int,
+    min_objects: int,
+    max_objects: int,
+    jpeg_quality: int,
+) -> bool:
+    """The body of :func:`write_synthetic_voc`, run while holding the root's lock."""
+    height, width = size
     if root.exists():
         existing = _read_manifest(root)
         if existing == params:
