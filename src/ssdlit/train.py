@@ -30,6 +30,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from ssdlit.module import DetectionModule
 from ssdlit.training.builders import (
@@ -39,6 +40,7 @@ from ssdlit.training.builders import (
     build_module,
     build_trainer,
 )
+from ssdlit.training.callbacks import NonFiniteLossError
 from ssdlit.training.evaluation import format_ap_table
 from ssdlit.training.runs import limit_opencv_threads, run_dir, save_config, set_threads, write_json
 from ssdlit.training.visualize import prediction_grid, save_image
@@ -139,6 +141,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if results.get(split):
             table = format_ap_table(results[split]["per_class"], results[split]["summary"])
             log.info("%s (best checkpoint):\n%s", split, table)
+            for lg in loggers:  # the table as text in TensorBoard too
+                if isinstance(lg, TensorBoardLogger) and trainer.is_global_zero:
+                    text = "    " + table.replace("\n", "\n    ")  # markdown code block
+                    lg.experiment.add_text(f"{split}/ap_per_class", text, trainer.global_step)
     if trainer.is_global_zero:
         loader = datamodule.val_dataloader() or datamodule.test_dataloader()
         picture = cfg.get("picture") or {}
@@ -168,8 +174,15 @@ def objective(cfg: DictConfig, results: dict[str, Any]) -> float | None:
 
 @hydra.main(config_path="pkg://ssdlit.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point (see the module docstring)."""
-    return objective(cfg, train(cfg))
+    """Hydra entry point (see the module docstring).
+
+    A non-finite loss ends the process with exit status 1 and the callback's message (step,
+    loss terms, the last good checkpoint) on stderr, without a traceback.
+    """
+    try:
+        return objective(cfg, train(cfg))
+    except NonFiniteLossError as err:
+        raise SystemExit(f"ssdlit.train: {err}") from None
 
 
 if __name__ == "__main__":

@@ -22,13 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from ssdlit.datamodules import DetectionDataModule
 from ssdlit.module import DetectionModule, plain
 from ssdlit.registry import DATASETS
-from ssdlit.training.callbacks import ImagesPerSecond, PredictionImageLogger, StopOnNonFiniteLoss
+from ssdlit.training.callbacks import (
+    ImagesPerSecond,
+    PredictionImageLogger,
+    SeedEveryEpoch,
+    StopOnNonFiniteLoss,
+)
 from ssdlit.training.checkpoint import AtomicCheckpointIO
 
 __all__ = [
@@ -171,7 +177,9 @@ def build_callbacks(
 
     ``callbacks`` keys (each null to disable): ``checkpoint`` (``monitor``, ``mode``,
     ``dirpath`` relative to ``run_dir``, ``filename``), ``last_checkpoint`` (``every_n_epochs``),
-    ``lr_monitor``, ``throughput``, ``image_logger``, ``stop_on_nonfinite``, ``early_stopping``.
+    ``lr_monitor``, ``throughput``, ``image_logger``, ``stop_on_nonfinite``, ``early_stopping``,
+    ``seed_every_epoch`` (true when absent: each epoch's data randomness depends only on the
+    seed and the epoch, what exact resume needs; see :class:`SeedEveryEpoch`).
     Without a logger (``with_logger=False``) the learning-rate monitor is left out (it needs one).
     """
     cfg = plain(callbacks) or {}
@@ -216,11 +224,24 @@ def build_callbacks(
         out.append(PredictionImageLogger(**dict(cfg["image_logger"])))
     if cfg.get("stop_on_nonfinite"):
         out.append(StopOnNonFiniteLoss())
+    if cfg.get("seed_every_epoch", True):
+        out.append(SeedEveryEpoch())
     if cfg.get("early_stopping") is not None:
         from pytorch_lightning.callbacks import EarlyStopping
 
         out.append(EarlyStopping(**dict(cfg["early_stopping"])))
     return out, best
+
+
+def _runs_on_cpu(accelerator: Any) -> bool:
+    """Whether Lightning's ``accelerator`` choice lands on the CPU here."""
+    name = str(accelerator or "auto").lower()
+    if name == "cpu":
+        return True
+    if name != "auto":
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
 def build_trainer(
@@ -229,8 +250,16 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     loggers: Sequence[Logger] = (),
 ) -> pl.Trainer:
-    """``pl.Trainer(**trainer)`` with atomic checkpoint IO, ``run_dir`` as the root folder."""
+    """``pl.Trainer(**trainer)`` with atomic checkpoint IO, ``run_dir`` as the root folder.
+
+    ``sync_batchnorm`` is dropped (with a log line) when the run is on the CPU: torch's
+    SyncBatchNorm needs GPUs, so ``trainer=ddp`` runs as is with CPU processes (gloo), each
+    keeping its own BatchNorm statistics.
+    """
     options = plain(trainer) or {}
+    if options.get("sync_batchnorm") and _runs_on_cpu(options.get("accelerator", "auto")):
+        log.info("sync_batchnorm is off: SyncBatchNorm needs GPUs and this run is on the CPU")
+        options["sync_batchnorm"] = False
     return pl.Trainer(
         default_root_dir=str(run_dir),
         callbacks=list(callbacks),

@@ -4,6 +4,9 @@
   optimiser step that would spread it into the weights, with a message that names the step
   and the loss terms; since no checkpoint is written after it, the last good ``last.ckpt``
   stays as it was.
+- :class:`SeedEveryEpoch`: every training epoch draws its randomness (shuffling, augmentation,
+  worker seeds, the global RNGs) from ``(seed, epoch)`` alone, so a run resumed from the
+  end of an epoch continues exactly as the uninterrupted run would.
 - :class:`ImagesPerSecond`: training throughput (images/s, data loading included) on the
   progress bar and in the logs.
 - :class:`PredictionImageLogger`: every few epochs, a grid of validation images with
@@ -14,9 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import time
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -29,7 +35,9 @@ __all__ = [
     "ImagesPerSecond",
     "NonFiniteLossError",
     "PredictionImageLogger",
+    "SeedEveryEpoch",
     "StopOnNonFiniteLoss",
+    "epoch_seed",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,86 @@ class StopOnNonFiniteLoss(Callback):
         )
         log.error(message)
         raise NonFiniteLossError(message)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 32-bit seed of ``(seed, epoch)`` (``SeedSequence``: no collisions like seed + epoch)."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(epoch)]).generate_state(1)[0])
+
+
+def _loaders(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _loaders(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _loaders(v)]
+    return [] if obj is None else [obj]
+
+
+class SeedEveryEpoch(Callback):
+    """Start every training epoch from random state that depends only on ``(seed, epoch)``.
+
+    Lightning's checkpoints do not hold the random state of the data pipeline: the order
+    of the training loader's sampler, the augmentation's own generators (seeded once, then
+    drawn on from epoch to epoch with ``num_workers=0``) and the global RNGs. A run resumed
+    from ``last.ckpt`` would replay epoch 0's shuffling and augmentation in epoch 1. At the
+    start of each training epoch this callback reseeds them with :func:`epoch_seed` of the
+    seed and the epoch: the sampler gets a generator of its own (the loader's generator
+    also seeds the workers, and Lightning creates the first epoch's iterator, which draws
+    from it, before any epoch hook), the dataset's augmentation is reseeded, and so are
+    Python's, NumPy's and torch's global generators. A run resumed from the end of an epoch
+    then repeats the uninterrupted run exactly.
+
+    Args:
+        seed: the base seed; None: the datamodule's ``seed``, else ``PL_GLOBAL_SEED``
+            (set by ``seed_everything``), else 0.
+
+    Scope: exact with ``num_workers=0``. With worker processes the first epoch after a
+    (re)start takes its workers' augmentation seeds and first indices from the iterator
+    Lightning made before this hook, so a resumed run differs (validly) from the
+    uninterrupted one; a warning says so when resuming.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+
+    def base_seed(self, trainer: pl.Trainer) -> int:
+        if self.seed is not None:
+            return int(self.seed)
+        seed = getattr(trainer.datamodule, "seed", None)
+        if seed is None:
+            seed = os.environ.get("PL_GLOBAL_SEED", 0)
+        return int(seed)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path and any(
+            getattr(dl, "num_workers", 0) > 0 for dl in _loaders(trainer.train_dataloader)
+        ):
+            log.warning(
+                "resuming with data-loader workers (data.num_workers > 0): the resumed run "
+                "is not bit-identical to an uninterrupted one (data.num_workers=0 is)"
+            )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.utils.data import RandomSampler
+
+        from ssdlit.datamodules.datamodule import _reseed
+
+        seed = epoch_seed(self.base_seed(trainer), trainer.current_epoch)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        for loader in _loaders(trainer.train_dataloader):
+            generator = getattr(loader, "generator", None)
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(seed)  # the workers' base seed (later epochs)
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, RandomSampler):
+                if sampler.generator is None or sampler.generator is generator:
+                    sampler.generator = torch.Generator()
+                sampler.generator.manual_seed(seed)  # drawn lazily, at the first batch
+            dataset = getattr(loader, "dataset", None)
+            if dataset is not None:
+                _reseed(dataset, seed)  # the augmentation (num_workers=0)
 
 
 class ImagesPerSecond(Callback):

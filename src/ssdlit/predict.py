@@ -1,0 +1,263 @@
+"""``python -m ssdlit.predict ckpt=PATH input=PATH_OR_DIR_OR_GLOB``: detect objects in images.
+
+Loads a checkpoint (``weights_only=True``; the model, its input size and class names come
+from the checkpoint's hyper-parameters), runs it on one image, every image of a folder
+(not recursive) or a glob pattern (``**`` recursive; quote it so the shell leaves it
+alone), and writes into the output folder, per image::
+
+    <image id>.json   {"image", "image_id", "width", "height", "detections": [{"label",
+                      "label_id", "score", "box": [x1, y1, x2, y2]}, ...]}
+    <image id>.png    the original image with the detections drawn
+
+Boxes are xyxy in pixels of the original image (continuous coordinates, 0 at the image's
+left/top edge), best score first; only detections scoring at least ``score_threshold``
+are kept. One summary line per image is printed. The output folder is the run folder
+(``outputs/predict/<date>_<time>/``) unless ``output=DIR`` is given.
+
+Examples::
+
+    python -m ssdlit.predict ckpt=outputs/train/2024-01-01_12-00-00/checkpoints/best.ckpt input=photo.jpg
+    python -m ssdlit.predict ckpt=best.ckpt input=photos/ output=predictions score_threshold=0.5
+    python -m ssdlit.predict ckpt=best.ckpt 'input=photos/**/*.jpg'
+
+A missing checkpoint or an input that names no image ends the run with a one-line
+message and exit status 2 (:class:`UsageError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from ssdlit.datamodules import DataError, DetectionDataModule, Record, to_original_pixels
+from ssdlit.datamodules.datamodule import predict_records
+from ssdlit.module import DetectionModule, plain
+from ssdlit.training.runs import limit_opencv_threads, run_dir, set_threads, write_json
+from ssdlit.training.visualize import draw_detections, save_image
+
+__all__ = [
+    "UsageError",
+    "checkpoint_path",
+    "find_images",
+    "load_module",
+    "main",
+    "predict",
+    "report_usage_errors",
+    "resolve_device",
+    "safe_name",
+]
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """What the user asked for cannot be done: a missing file, a pattern matching nothing.
+
+    The apps print it as one line (no traceback) and exit with status 2
+    (:func:`report_usage_errors`).
+    """
+
+
+@contextlib.contextmanager
+def report_usage_errors(app: str) -> Iterator[None]:
+    """Turn :class:`UsageError` and :class:`~ssdlit.datamodules.DataError` into ``app: error: ...``
+    on stderr and exit status 2 (Hydra would print a traceback)."""
+    try:
+        yield
+    except (UsageError, DataError) as exc:
+        print(f"{app}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from exc
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """``path`` as a :class:`~pathlib.Path` when it is a file; else :class:`UsageError`."""
+    ckpt = Path(str(path)).expanduser()
+    if not ckpt.exists():
+        where = "" if ckpt.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise UsageError(f"checkpoint not found: {ckpt}{where}")
+    if ckpt.is_dir():
+        raise UsageError(f"checkpoint {ckpt} is a folder; give the .ckpt file")
+    return ckpt
+
+
+def load_module(path: str | Path, **overrides: Any) -> DetectionModule:
+    """The :class:`~ssdlit.module.DetectionModule` of checkpoint ``path``, in eval mode.
+
+    Raises :class:`UsageError` naming the path when it is missing, a folder, or not a
+    readable ssdlit checkpoint.
+    """
+    ckpt = checkpoint_path(path)
+    try:
+        module = DetectionModule.from_checkpoint(ckpt, **overrides)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError) as exc:
+        raise UsageError(
+            f"cannot load checkpoint {ckpt} ({type(exc).__name__}: {exc}); is it a checkpoint "
+            "written by python -m ssdlit.train?"
+        ) from exc
+    return module.eval()
+
+
+def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Record]:
+    """Records (without boxes) of the images that ``inputs`` names: files, folders, globs.
+
+    Raises :class:`UsageError` when a path does not exist or nothing is found.
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else [str(i) for i in inputs]
+    if not items:
+        raise UsageError("input is empty: give an image, a folder or a glob pattern")
+    try:
+        records = predict_records(items)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    if not records:
+        shown = ", ".join(repr(str(i)) for i in items)
+        raise UsageError(
+            f"input {shown} matches no image files (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp)"
+        )
+    return records
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or a torch device string."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(str(name))
+
+
+def safe_name(image_id: str) -> str:
+    """A file name from an image id (path separators and odd characters become ``_``)."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(image_id)).strip(".")
+    return name or "image"
+
+
+def _image_result(
+    det: Tensor, meta: dict[str, Any], class_names: Sequence[str], score_threshold: float
+) -> tuple[dict[str, Any], Tensor]:
+    """The JSON dict of one image and its kept detections ``[k, 6]`` in original pixels."""
+    det = det.detach().float().cpu()
+    det = det[det[:, 1] >= score_threshold]
+    boxes = to_original_pixels(det[:, 2:6], meta)  # [k, 4] xyxy original pixels, clipped
+    pixel_det = torch.cat([det[:, :2], boxes], dim=1)
+    h0, w0 = meta["orig_size"]
+    detections = [
+        {
+            "label": class_names[label - 1] if 1 <= label <= len(class_names) else str(label),
+            "label_id": label,
+            "score": round(score, 6),
+            "box": [round(v, 2) for v in box],
+        }
+        for label, score, box in zip(
+            det[:, 0].long().tolist(), det[:, 1].tolist(), boxes.tolist(), strict=True
+        )
+    ]
+    result = {
+        "image": str(Path(meta["path"]).resolve()),
+        "image_id": meta["image_id"],
+        "width": int(w0),
+        "height": int(h0),
+        "box_format": "xyxy, pixels of the original image",
+        "detections": detections,
+    }
+    return result, pixel_det
+
+
+def _draw(record: Record, pixel_det: Tensor, class_names: Sequence[str], path: Path) -> Path:
+    """Write the original image with ``pixel_det`` ``[k, 6]`` (pixel boxes) drawn."""
+    image = torch.from_numpy(record.load_image()).permute(2, 0, 1).contiguous()  # [3, H0, W0]
+    h0, w0 = image.shape[-2:]
+    det = pixel_det.clone()
+    det[:, 2:6] /= torch.tensor([w0, h0, w0, h0], dtype=det.dtype)  # draw_detections: normalised
+    drawn = draw_detections(image, det, class_names, score_threshold=0.0, max_boxes=len(det))
+    return save_image(drawn, path)
+
+
+def _summary_line(name: str, detections: list[dict[str, Any]], json_path: Path) -> str:
+    if not detections:
+        found = "no detections"
+    else:
+        shown = ", ".join(f"{d['label']} {d['score']:.2f}" for d in detections[:5])
+        more = f", ... ({len(detections) - 5} more)" if len(detections) > 5 else ""
+        found = f"{len(detections)} detection{'s' * (len(detections) != 1)}: {shown}{more}"
+    return f"{name}: {found} -> {json_path}"
+
+
+@torch.inference_mode()
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run ``cfg.ckpt`` on ``cfg.input``; returns the per-image result dicts (as written)."""
+    set_threads(cfg.get("threads"))
+    limit_opencv_threads()
+    ckpt = checkpoint_path(cfg.ckpt)  # both inputs checked before the slow part
+    records = find_images(plain(cfg.input))
+    module = load_module(ckpt)
+    out_dir = Path(str(cfg.output)) if cfg.get("output") else run_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.get("device"))
+    module.to(device)
+    class_names = module.class_names
+    threshold = float(cfg.get("score_threshold", 0.3))
+    augment = plain(cfg.get("augment")) or {}
+    datamodule = DetectionDataModule(
+        predict=records,
+        class_names=class_names,
+        image_size=module.hparams["image_size"],
+        augment={"predict": augment.get("eval", "val")},
+        eval_batch_size=int(cfg.get("batch_size", 8)),
+        num_workers=int(cfg.get("num_workers", 0)),
+    )
+    log.info(
+        "%s: %d images, classes %s, input %s, output %s",
+        cfg.ckpt,
+        len(records),
+        ", ".join(class_names),
+        "x".join(map(str, module.hparams["image_size"])),
+        out_dir,
+    )
+    by_path = {str(r.path): r for r in records}
+    names: dict[str, int] = {}
+    results: list[dict[str, Any]] = []
+    for batch in datamodule.predict_dataloader():
+        detections = module(batch["images"].to(device))
+        for det, meta in zip(detections, batch["meta"], strict=True):
+            result, pixel_det = _image_result(det, meta, class_names, threshold)
+            stem = safe_name(meta["image_id"])
+            names[stem] = names.get(stem, 0) + 1
+            if names[stem] > 1:  # two ids that sanitise to one name
+                stem = f"{stem}_{names[stem]}"
+            result["picture"] = str(
+                _draw(by_path[meta["path"]], pixel_det, class_names, out_dir / f"{stem}.png")
+            )
+            json_path = write_json(result, out_dir / f"{stem}.json")
+            print(
+                _summary_line(Path(meta["path"]).name, result["detections"], json_path), flush=True
+            )
+            results.append(result)
+    total = sum(len(r["detections"]) for r in results)
+    log.info(
+        "%d images, %d detections (score >= %g) written to %s",
+        len(results),
+        total,
+        threshold,
+        out_dir,
+    )
+    return results
+
+
+@hydra.main(config_path="pkg://ssdlit.conf", config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (see the module docstring)."""
+    with report_usage_errors("ssdlit.predict"):
+        predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
