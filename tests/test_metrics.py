@@ -212,4 +212,6 @@ def test_empty_inputs():
         [{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([2])}],
     )
     res = m.compute()
-    assert res["map"].item() == 0.0 and torch.atleast_1d(torch.as_tensor(res["classes"])).tolist() == [2]
+    assert res["map"].item() == 0.0 and torch.atleast_1d(
+        torch.as_tensor(res["classes"])
+    ).tolist() == [2]
