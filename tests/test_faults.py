@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -216,21 +217,23 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, monk
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 def test_process_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
     """SIGKILL after the new checkpoint's bytes are written but before the rename: the old
-    last.ckpt survives whole (only a stray temporary file is left)."""
+    last.ckpt survives whole (only a stray temporary file is left). The writer is a fresh
+    Python process (forking this multi-threaded one could deadlock)."""
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"epoch": 1, "w": torch.ones(256, 256)}, path)
-    pid = os.fork()
-    if pid == 0:  # the child dies in the middle of writing epoch 2
-        try:
-            os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
-            atomic_torch_save({"epoch": 2, "w": torch.zeros(256, 256)}, path)
-        finally:
-            os._exit(3)  # not reached when the kill works
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    child = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from ssdlit.training.checkpoint import atomic_torch_save
+        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+        atomic_torch_save({{"epoch": 2, "w": torch.zeros(256, 256)}}, {str(path)!r})
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt = load_checkpoint(path)
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["w"], torch.ones(256, 256))
     leftovers = [p for p in tmp_path.iterdir() if p.name != "last.ckpt"]

@@ -89,6 +89,37 @@ def test_evaluate_reads_the_checkpoint(trained):
     text = json.dumps(result)
     assert "voc07_map50" in text and "coco_map" in text
     assert "VOC07" in proc.stdout + proc.stderr  # the per-class table is printed
+    # The same checkpoint on the same split gives what train reported for it.
+    trained_metrics = json.loads((trained / "run" / "metrics.json").read_text())
+    assert result["split"] == "test" and result["images"] == 8
+    for key, value in trained_metrics["test"]["summary"].items():
+        assert result["summary"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_tensorboard_holds_losses_lr_maps_and_pictures(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, list[str]] = {"scalars": [], "images": [], "tensors": []}
+    for events in (trained / "run" / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] += acc.Tags().get(kind, [])
+    scalars = set(tags["scalars"])
+    for tag in (
+        "train/loss_step",
+        "train/loss_cls_step",
+        "train/loss_box_step",
+        "train/images_per_sec",
+        "val/loss",
+        "val/voc07_map50",
+        "val/voc_map50",
+        "val/coco_map",
+        "val_ap/voc07_ap50/circle",
+    ):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert any(t.startswith("lr-") for t in scalars)
+    assert "val/predictions" in tags["images"]
 
 
 def test_bad_override_fails_with_a_clear_message(tmp_path):
