@@ -28,6 +28,11 @@ STEPS_PER_EPOCH = 4  # 16 training images, batch 4, drop_last
 
 def tiny(data_root: Path) -> list[str]:
     return [
+        # The components these tests were written against, whatever the demo selects.
+        "backbone=ssd7",
+        "anchors=ssd7",
+        "augment=ssd",
+        "optim=sgd",
         f"data.source.root={data_root}",
         "data.source.num_images={train: 16, val: 8, test: 8}",
         "data.source.image_size=64",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 TINY = [
+    "trainer.log_every_n_steps=1",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
