@@ -265,7 +265,14 @@ class DetectionModule(pl.LightningModule):
             return optimizer
         total = None
         if sched_cfg.get("name") == "cosine":
-            total = int(self.trainer.estimated_stepping_batches)
+            estimated = self.trainer.estimated_stepping_batches
+            if not math.isfinite(estimated):
+                raise ValueError(
+                    "the cosine schedule needs a finite run length: set trainer.max_epochs or "
+                    "trainer.max_steps (trainer.max_time alone does not say how many steps "
+                    "the decay should span)"
+                )
+            total = int(estimated)
         scheduler = build_scheduler(optimizer, sched_cfg, total)
         return {
             "optimizer": optimizer,
