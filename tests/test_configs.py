@@ -30,6 +30,7 @@ from ssdlit.training.builders import (
     split_specs,
 )
 from ssdlit.training.optim import build_optimizer, build_scheduler, parameter_groups
+from tests.data_builders import require_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -282,8 +283,8 @@ def test_data_options(name, tmp_path):
     elif name == "coco":
         assert specs["val"]["annotation_file"].endswith("instances_val2017.json")
         return  # no COCO on disk: composing and resolving is the check
-    elif name == "raccoon" and not RACCOON.is_dir():
-        pytest.skip(f"no raccoon dataset at {RACCOON}")
+    elif name == "raccoon":
+        require_dataset(RACCOON, "the raccoon dataset")  # fails instead of skipping under CI
     dm = build_datamodule(cfg.data, cfg.augment, cfg.image_size)
     dm.setup("fit")
     assert len(dm.dataset("train")) > 0 and len(dm.dataset("val")) > 0
