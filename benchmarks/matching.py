@@ -4,9 +4,9 @@ What is measured, per batch of ``--batch`` images (default 32) against the 8732
 SSD300 anchors, each image holding 1 to 8 random (seeded) ground-truth boxes:
 
 - **ssdlit**: ``SSDMatcher(matching="multi", pos_iou_threshold=0.5, neg_iou_limit=0.3)``
-  on the padded batch ``[B, G, 4]`` at once, then batched encoding with
-  ``BoxCoder((0.1, 0.1, 0.2, 0.2))`` of the positive anchors' regression targets
-  ``[P, 4]`` (what the MultiBox loss regresses; torchvision also encodes only its
+  on the padded batch ``[B, G, 4]`` at once, then ``ssdlit.heads.positive_targets``:
+  ``BoxCoder((0.1, 0.1, 0.2, 0.2))`` encoding of the
+  positive anchors' regression targets ``[P, 4]`` (torchvision also encodes only its
   foreground anchors) and class targets ``[B, 8732]``; no Python loop over images.
 - **torchvision**: the matching / target part of
   ``torchvision.models.detection.ssd.SSD`` (``forward`` in training mode and
@@ -49,6 +49,7 @@ from torchvision.ops import box_iou as tv_box_iou
 
 from ssdlit.anchors import SSDAnchorGenerator, SSDMatcher
 from ssdlit.boxes import BoxCoder, convert
+from ssdlit.heads import positive_targets
 
 FEATURE_SIZES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 NUM_CLASSES = 20  # Pascal VOC: labels 1..20, 0 is background
@@ -99,14 +100,11 @@ def ssdlit_targets(
     gt_labels: Tensor,
     anchors: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ssdlit, whole batch: ``matches [B, A]``, ``loc [P, 4]`` for the P positive anchors
-    (what the MultiBox loss regresses, like torchvision's foreground-only encoding) and
-    ``cls [B, A]``."""
+    """ssdlit, whole batch: ``matches [B, A]``, ``loc [P, 4]`` for the P positive
+    anchors (like torchvision's foreground-only encoding) and ``cls [B, A]``
+    (:func:`ssdlit.heads.positive_targets`)."""
     matches = matcher(gt_boxes, gt_mask, anchors)  # [B, A]
-    pb, pa = (matches >= 0).nonzero(as_tuple=True)  # [P] each
-    matched = gt_boxes[pb, matches[pb, pa]]  # [P, 4] xyxy
-    loc = coder.encode(convert(matched, "xyxy", "cxcywh"), anchors[pa])  # [P, 4]
-    cls = torch.gather(gt_labels, 1, matches.clamp(min=0)).masked_fill_(matches < 0, 0)  # [B, A]
+    _, _, loc, cls = positive_targets(matches, gt_boxes, gt_labels, anchors, coder)
     return matches, loc, cls
 
 

@@ -23,8 +23,11 @@ from ssdlit.heads import (
     SSDHead,
     SSDLiteHead,
     YoloHead,
+    encode_targets,
+    gather_targets,
     hard_negative_mask,
     multibox_loss,
+    positive_targets,
 )
 from ssdlit.registry import HEADS
 
@@ -769,3 +772,18 @@ def test_one_image_overfit(name):
     print(f"{name}: loss {history[0]:.4f} -> {history[-1]:.4f}")
     assert all(math.isfinite(v) for v in history)
     assert history[-1] < 0.1 * history[0]
+
+
+def test_positive_targets_equal_the_dense_targets_on_the_positives():
+    a = 50
+    gt_boxes, gt_labels, matches = random_targets(4, a, seed=3)
+    anchors = random_anchors(a, seed=3)
+    coder = BoxCoder((0.1, 0.1, 0.2, 0.2))
+    image, anchor, loc, labels = positive_targets(matches, gt_boxes, gt_labels, anchors, coder)
+    positive = matches >= 0
+    dense_labels, matched = gather_targets(matches, gt_boxes, gt_labels)
+    dense_loc = encode_targets(coder, matched, anchors, positive)
+    assert torch.equal(torch.stack((image, anchor), 1), positive.nonzero())
+    assert torch.equal(labels, dense_labels)
+    assert torch.allclose(loc, dense_loc[positive], atol=1e-6)
+    assert labels[~positive].eq(0).all() and labels[positive].ge(1).all()

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ssdlit.anchors import (
     BACKGROUND,
@@ -203,3 +205,107 @@ def test_fast_overlaps_equal_plain_iou(anchors):
     expected = box_iou(boxes, convert(anchors, "cxcywh", "xyxy"))
     assert torch.equal(fast(boxes), expected)
     assert torch.equal(fast(boxes, reuse=True), expected)
+
+
+# -- the sparse path (pairs above a threshold) against the dense one -------------------------
+
+
+def _hard_batch(rng, b, max_g, snapped):
+    """Boxes that stress the sparse path: grid-snapped (many exact ties), duplicates,
+    whole-image, zero-area, thin and tiny boxes, besides ordinary ones."""
+    images = []
+    for _ in range(b):
+        boxes = []
+        for j in range(int(rng.integers(0, max_g + 1))):
+            r = rng.random()
+            if snapped:
+                x1, y1 = rng.integers(0, 8, 2) / 8
+                w, h = rng.integers(1, 5, 2) / 8
+                box = [x1, y1, min(x1 + w, 1.0), min(y1 + h, 1.0)]
+            elif r < 0.1:
+                box = [0.0, 0.0, 1.0, 1.0]
+            elif r < 0.2:
+                x, y = rng.random(2) * 0.9
+                box = [x, y, x, y + 0.1]  # zero area
+            elif r < 0.35:
+                x, y = rng.random(2) * 0.9
+                box = [x, y, x + 0.9 * rng.random() * (1 - x) + 1e-3, y + 0.02]  # thin
+            elif r < 0.5 and j > 0:
+                box = list(boxes[-1])  # duplicate
+            else:
+                x, y = rng.random(2) * 0.95
+                w, h = rng.uniform(0.005, 1.0, 2)
+                box = [x, y, min(x + w, 1.0), min(y + h, 1.0)]
+            boxes.append(box)
+        images.append(boxes)
+    return batch(*images)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "matching, pos, neg",
+    [("multi", 0.5, 0.3), ("bipartite", 0.5, 0.4), ("multi", 0.5, None), ("bipartite", 0.5, None)],
+)
+def test_sparse_path_equals_dense_path(dtype, matching, pos, neg):
+    from ssdlit.anchors.matchers import anchor_overlaps
+
+    anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS, dtype=dtype)
+    assert anchor_overlaps(anchors).sparse
+    rng = np.random.default_rng(7)
+    matcher = SSDMatcher(matching=matching, pos_iou_threshold=pos, neg_iou_limit=neg)
+    for trial in range(8):
+        boxes, mask = _hard_batch(rng, 6, 10, snapped=trial % 2 == 0)
+        boxes = boxes.to(dtype)
+        sparse = matcher(boxes, mask, anchors)
+        dense = torch.full_like(sparse, BACKGROUND)
+        img, slot = mask.nonzero(as_tuple=True)
+        matcher._match_dense(dense, boxes[img, slot], img, slot, anchor_overlaps(anchors))
+        assert torch.equal(sparse, dense), f"trial {trial}"
+        assert (sparse >= 0).sum() >= mask.sum()  # every real gt has its anchor
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(*[st.floats(0.0, 1.0, allow_nan=False)] * 4), min_size=1, max_size=6),
+    st.sampled_from([0.1, 0.3, 0.5, 0.7]),
+)
+def test_pairs_above_threshold_are_exactly_the_dense_ones(raw, threshold):
+    from ssdlit.anchors.matchers import anchor_overlaps
+
+    anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS)
+    boxes = torch.tensor(
+        [[min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)] for x1, y1, x2, y2 in raw]
+    )
+    overlaps = anchor_overlaps(anchors)
+    rows, anchor, iou = overlaps.above(boxes, threshold)
+    dense = overlaps(boxes[None])[0]
+    expected = (dense >= threshold).nonzero()
+    got = torch.stack((rows, anchor), 1)
+    assert torch.equal(got[torch.argsort(rows * anchors.shape[0] + anchor)], expected)
+    assert torch.equal(iou, dense[rows, anchor])  # the very same numbers
+
+
+def _sequential_greedy(iou):
+    """One pair per step: the highest IoU, then the lowest gt, then the lowest anchor."""
+    iou = iou.clone()
+    g = iou.shape[0]
+    matches = np.full(iou.shape[1], BACKGROUND)
+    for _ in range(g):
+        best = iou.max()
+        if best < 0:
+            break
+        gt, anchor = [int(v) for v in (iou == best).nonzero()[0]]  # row-major first
+        matches[anchor] = gt
+        iou[gt] = -1.0
+        iou[:, anchor] = -1.0
+    return matches
+
+
+@pytest.mark.parametrize("g", [5, 40])  # 40 x 40 candidates: one pair per step
+def test_greedy_rounds_equal_one_pair_per_step(g):
+    gen = torch.Generator().manual_seed(g)
+    iou = torch.ceil(torch.rand(3, g, 60, generator=gen) * 5) / 5  # few values: many ties
+    iou[1, g // 2 :] = -1.0  # padded gts
+    ours = greedy_bipartite(iou)
+    for i in range(3):
+        assert ours[i].tolist() == _sequential_greedy(iou[i]).tolist(), f"image {i}"

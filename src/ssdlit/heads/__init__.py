@@ -15,6 +15,7 @@ from ssdlit.heads.losses import (
     gather_targets,
     hard_negative_mask,
     multibox_loss,
+    positive_targets,
 )
 from ssdlit.heads.retina import RetinaHead
 from ssdlit.heads.ssd import SSDHead, SSDLiteHead
@@ -35,5 +36,6 @@ __all__ = [
     "gather_targets",
     "hard_negative_mask",
     "multibox_loss",
+    "positive_targets",
     "prior_bias",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "gather_targets",
     "hard_negative_mask",
     "multibox_loss",
+    "positive_targets",
 ]
 
 MINING_MODES = ("per_image", "per_batch")
@@ -65,6 +66,34 @@ def encode_targets(
     gt = convert(matched_xyxy, "xyxy", "cxcywh")  # [B, A, 4]
     gt = torch.where(positive[..., None], gt, anchors.expand_as(gt))
     return coder.encode(gt, anchors)
+
+
+def positive_targets(
+    matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor, anchors: Tensor, coder: BoxCoder
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training targets touching only the positive anchors (the sparse counterpart of
+    :func:`gather_targets` + :func:`encode_targets`; it needs ``nonzero``, so it runs
+    on real devices only, not on the meta device the dense loss also supports).
+
+    Args:
+        matches: ``[B, A]`` long (gt index, -1 background, -2 ignored).
+        gt_boxes: ``[B, G, 4]`` xyxy normalised.
+        gt_labels: ``[B, G]`` int64 in 1..C.
+        anchors: ``[A, 4]`` cxcywh normalised.
+        coder: encodes each positive's gt against its anchor.
+    Returns:
+        ``image [P]`` and ``anchor [P]`` (long) of the P positives in row-major
+        order, their regression targets ``[P, 4]`` (``coder.encode``, the dtype of
+        ``gt_boxes``) and ``labels [B, A]`` int64: the matched gt's label for
+        positives, 0 for every other anchor (ignored ones included).
+    """
+    image, anchor = (matches >= 0).nonzero(as_tuple=True)  # [P] each
+    gt = matches[image, anchor]
+    matched = convert(gt_boxes[image, gt], "xyxy", "cxcywh")  # [P, 4]
+    loc = coder.encode(matched, anchors.to(matched.dtype).index_select(0, anchor))
+    labels = torch.zeros(matches.shape, dtype=torch.long, device=matches.device)
+    labels[image, anchor] = gt_labels[image, gt].long()
+    return image, anchor, loc, labels
 
 
 def hard_negative_mask(
