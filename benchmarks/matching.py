@@ -196,7 +196,7 @@ def machine_name() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
-    parser.add_argument("--repeats", type=int, default=50, help="timed repetitions (50)")
+    parser.add_argument("--repeats", type=int, default=200, help="timed repetitions (200)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed repetitions first (5)")
     parser.add_argument("--batch", type=int, default=32, help="images per batch (32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random boxes (0)")

@@ -3,6 +3,7 @@ seeds, the image cache and the predict split, on a tiny on-disk dataset."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -340,3 +341,24 @@ def test_class_names_sources(tiny):
         DetectionDataModule(train=[1, 2, 3])
     empty = DetectionDataModule(train=source(tiny))
     assert empty.val_dataloader() == [] and empty.test_dataloader() == []
+
+
+def test_drop_last_with_fewer_images_than_a_batch_is_an_error(tiny):
+    dm = make_dm(tiny, batch_size=len(tiny) + 1, drop_last=True)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        dm.train_dataloader()
+    assert len(make_dm(tiny, batch_size=len(tiny) + 1).train_dataloader()) == 1
+
+
+def test_read_only_decodes_give_a_writable_sample_without_warning(tiny):
+    """A decode that no transform copies (already the input size) is read-only, e.g. the
+    image cache's own array: the sample copies it instead of warning (or sharing it)."""
+    frozen = np.zeros((*SIZE, 3), dtype=np.uint8)
+    frozen.setflags(write=False)
+    ds = DetectionDataset(tiny, build_transforms("val", SIZE), loader=lambda _path: frozen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = ds[0]["image"]
+    image[0, 0, 0] = 255  # writing to the sample leaves the decoded array alone
+    assert frozen[0, 0, 0] == 0

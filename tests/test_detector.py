@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from ssdlit import Detector
-from ssdlit.exporting import export_onnx, export_torchscript, verify_onnx
+from ssdlit.exporting import export_onnx, export_torchscript, load_torchscript, verify_onnx
 
 SSD300_ANCHORS = {
     "name": "ssd",
@@ -153,7 +153,7 @@ def test_torchscript_matches_eager(tmp_path):
     det = tiny().eval()
     images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
     path = export_torchscript(det, tmp_path / "model.pt", example=images)
-    loaded = torch.jit.load(str(path))
+    loaded = load_torchscript(path)
     with torch.no_grad():
         flat = loaded(images)
         eager = det(images)[0]

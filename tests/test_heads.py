@@ -787,3 +787,23 @@ def test_positive_targets_equal_the_dense_targets_on_the_positives():
     assert torch.equal(labels, dense_labels)
     assert torch.allclose(loc, dense_loc[positive], atol=1e-6)
     assert labels[~positive].eq(0).all() and labels[positive].ge(1).all()
+
+
+def test_multibox_beta_zero_is_l1_on_the_positives():
+    a = 40
+    gt_boxes, gt_labels, matches = random_targets(3, a, seed=4)
+    anchors = random_anchors(a, seed=4)
+    coder = BoxCoder((0.1, 0.1, 0.2, 0.2))
+    cls_logits = torch.randn(3, a, C + 1, generator=torch.Generator().manual_seed(1))
+    box_deltas = torch.randn(3, a, 4, generator=torch.Generator().manual_seed(2))
+    _, _, loc, _ = positive_targets(matches, gt_boxes, gt_labels, anchors, coder)
+    positive = matches >= 0
+    l1 = (box_deltas[positive] - loc).abs().sum() / positive.sum()
+    out = multibox_loss(
+        cls_logits, box_deltas, matches, gt_boxes, gt_labels, anchors, coder, beta=0.0
+    )
+    assert out["loss_box"].item() == pytest.approx(l1.item(), rel=1e-5)
+    smooth = multibox_loss(cls_logits, box_deltas, matches, gt_boxes, gt_labels, anchors, coder)
+    assert smooth["loss_box"] < out["loss_box"]  # beta 1 is quadratic below 1: smaller
+    with pytest.raises(ValueError, match="beta"):
+        SSDHead(in_channels=[8], num_anchors=[2], num_classes=C, beta=-1.0)

@@ -366,3 +366,22 @@ def test_checkpoint_io_refuses_pickled_objects(tmp_path):
     torch.save({"obj": SimpleNamespace(a=1)}, path)
     with pytest.raises(Exception, match=r"[Ww]eights only"):
         AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_channels_last_keeps_the_outputs_and_survives_the_checkpoint(tmp_path):
+    plain_module = tiny_module().eval()
+    nhwc = tiny_module(channels_last=True).eval()  # same seed: the same weights
+    conv = nhwc.detector.backbone.modules()
+    weights = [m.weight for m in conv if isinstance(m, nn.Conv2d)]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    images = tiny_batch()["images"]
+    with torch.no_grad():
+        a, b = plain_module.detector.raw(images), nhwc.detector.raw(images)
+    for key in ("cls_logits", "box_deltas"):
+        assert torch.allclose(a[key], b[key], atol=1e-4)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": nhwc.state_dict(), "hyper_parameters": dict(nhwc.hparams)}, path)
+    again = DetectionModule.from_checkpoint(path)
+    assert again.hparams["channels_last"] is True
+    first = next(m for m in again.detector.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert first.weight.is_contiguous(memory_format=torch.channels_last)

@@ -273,3 +273,19 @@ def test_schedule_state_resumes_with_weights_only_load():
     assert [lr for step in resumed for lr in step] == pytest.approx(
         [lr for step in whole for lr in step]
     )
+
+
+def test_ema_decay_ramps_up_and_rejects_bad_values():
+    import math
+
+    from ssdlit.training.callbacks import EMAWeights
+
+    ema = EMAWeights(decay=0.99, warmup_steps=10)
+    assert ema.current_decay(10) == pytest.approx(0.99 * (1 - math.exp(-1)))
+    assert ema.current_decay(1) < ema.current_decay(100) < 0.99
+    assert EMAWeights(decay=0.9).current_decay(1) == 0.9
+    avg = ema._average(torch.zeros(3), torch.ones(3), torch.tensor(10))
+    assert torch.allclose(avg, torch.full((3,), 1 - ema.current_decay(10)))
+    for bad in ({"decay": 1.0}, {"decay": -0.1}, {"warmup_steps": -1}):
+        with pytest.raises(ValueError):
+            EMAWeights(**bad)

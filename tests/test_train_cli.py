@@ -141,3 +141,27 @@ def test_bad_override_fails_with_a_clear_message(tmp_path):
     )
     assert proc.returncode != 0
     assert "no_such_head" in proc.stderr
+
+
+def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
+    """callbacks.ema: the checkpoint's state_dict holds the averaged weights, the raw ones
+    and the averaging state beside them, and ckpt_path=last resumes both."""
+    run_dir = tmp_path / "run"
+    common = [
+        *TINY,
+        f"data.source.root={tmp_path}/data",
+        f"hydra.run.dir={run_dir}",
+        "callbacks.ema={decay: 0.9, warmup_steps: 2}",
+        "evaluate.test=false",
+    ]
+    run("ssdlit.train", [*common, "trainer.max_epochs=1"], tmp_path)
+    run("ssdlit.train", [*common, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 4
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 4  # one update per step, resumed
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    weights = [k for k, v in raw.items() if v.is_floating_point()]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in weights)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["val"]["summary"]["voc07_map50"] <= 1.0

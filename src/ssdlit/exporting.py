@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ssdlit.detector import Detector, ExportWrapper
 
-__all__ = ["export_onnx", "export_torchscript", "run_onnx", "verify_onnx"]
+__all__ = ["export_onnx", "export_torchscript", "load_torchscript", "run_onnx", "verify_onnx"]
 
 
 def _example(detector: Detector, batch_size: int) -> Tensor:
@@ -140,3 +140,12 @@ def export_torchscript(detector: Detector, path: str | Path, example: Tensor | N
         traced = torch.jit.trace(wrapper, (images,), check_trace=False)
     traced.save(str(path))
     return path
+
+
+def load_torchscript(path: str | Path, map_location: str | torch.device | None = None):
+    """Load a file of :func:`export_torchscript`: ``model(images uint8 [B, 3, H, W]) ->
+    detections [N, 7]``. The graph calls ``torchvision::nms``, whose operator exists once
+    torchvision is imported (done here); outside Python, link torchvision's C++ library."""
+    import torchvision  # noqa: F401  (registers torchvision::nms for the loaded graph)
+
+    return torch.jit.load(str(path), map_location=map_location)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 
 from ssdlit.detector import Detector
@@ -89,6 +90,8 @@ class DetectionModule(pl.LightningModule):
             min_factor}}`` (see conf/optim).
         metrics: ``{iou_threshold: 0.5, coco: true, class_metrics: true}``.
         clip_boxes: clamp decoded boxes to the image before NMS.
+        channels_last: keep the network's weights (and so its activations) in the NHWC
+            memory format, which the CPU convolutions run fastest in.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class DetectionModule(pl.LightningModule):
         optim: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
         clip_boxes: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         size = (
@@ -120,6 +124,7 @@ class DetectionModule(pl.LightningModule):
             "optim": plain(optim) if optim is not None else copy.deepcopy(DEFAULT_OPTIM),
             "metrics": plain(metrics) if metrics is not None else {},
             "clip_boxes": bool(clip_boxes),
+            "channels_last": bool(channels_last),
         }
         if not hparams["class_names"]:
             raise ValueError("class_names is empty: the data gives no classes")
@@ -135,6 +140,8 @@ class DetectionModule(pl.LightningModule):
             matcher=hparams["matcher"],
             clip_boxes=hparams["clip_boxes"],
         )
+        if channels_last:  # NHWC weights: the convolutions run in that layout (CPU: ~1.5x)
+            self.detector.to(memory_format=torch.channels_last)
         m = hparams["metrics"]
         evaluator_options = {
             "iou_threshold": float(m.get("iou_threshold", 0.5)),

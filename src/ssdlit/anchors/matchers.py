@@ -8,8 +8,14 @@ Every matcher takes
 
 and returns ``matches`` ``[B, A]`` long: the gt index (>= 0) an anchor regresses
 to, :data:`BACKGROUND` (-1) or :data:`IGNORE` (-2, enters no loss). The whole
-batch is matched at once; the only Python loop is over G in the greedy bipartite
-step, which is sequential by nature.
+batch is matched at once; the only Python loop is the rounds of the greedy
+bipartite step (at most G), which is sequential by nature.
+
+:class:`SSDMatcher` never builds the dense ``[M, A]`` IoU matrix for anchors that
+form product grids (every generator's unclipped output): a gt can only reach the
+matching thresholds on a rectangle of cells of each anchor level and size, so only
+those pairs are computed (:meth:`AnchorOverlaps.above`), with results identical to
+the dense computation (tested against it and against a loop restatement of ssd_keras).
 """
 
 from __future__ import annotations

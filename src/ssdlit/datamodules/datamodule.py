@@ -131,6 +131,8 @@ class DetectionDataset(Dataset):
         else:
             scale, offset = (w / w0, h / h0), (0.0, 0.0)
         image = out.image if out.image.ndim == 3 else out.image[:, :, None]
+        if not image.flags.writeable:  # the cached decode itself (no transform copied it)
+            image = image.copy()
         return {
             "image": torch.from_numpy(image).permute(2, 0, 1),  # [3, H, W] view; collate copies
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
@@ -380,6 +382,12 @@ class DetectionDataModule(pl.LightningDataModule):
         if ds is None:
             return []
         train = split == "train"
+        if train and self.drop_last and len(ds) < self.batch_size:
+            raise ValueError(
+                f"the training split has {len(ds)} images, fewer than one batch "
+                f"(data.batch_size={self.batch_size}) with data.drop_last=true: no batch would "
+                "be trained on; lower data.batch_size or set data.drop_last=false"
+            )
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,

@@ -152,12 +152,14 @@ def multibox_loss(
     n_neg_min: int = 0,
     alpha: float = 1.0,
     mining: str = "per_image",
+    beta: float = 1.0,
 ) -> dict[str, Tensor]:
     """The SSD MultiBox loss with hard negative mining.
 
     - classification: softmax cross-entropy over the K = C + 1 columns (0 = background)
       on the positives and on the negatives chosen by :func:`hard_negative_mask`;
-    - localisation: smooth-L1 (beta 1), summed over the 4 numbers, between the
+    - localisation: smooth-L1 (``beta`` 1 as in the paper; smaller is closer to L1 and
+      pushes harder on small errors), summed over the 4 numbers, between the
       positives' ``box_deltas`` and ``coder.encode(matched gt, anchor)``;
     - ignored anchors (-2) enter neither term.
 
@@ -195,7 +197,7 @@ def multibox_loss(
 
     anchors = anchors.to(device=cls_logits.device, dtype=dtype)
     targets = encode_targets(coder, matched.to(dtype), anchors, positive)
-    loc = F.smooth_l1_loss(box_deltas.to(dtype), targets, beta=1.0, reduction="none").sum(-1)
+    loc = F.smooth_l1_loss(box_deltas.to(dtype), targets, beta=beta, reduction="none").sum(-1)
     loc_sum = (loc * positive).sum()
 
     n = positive.sum().clamp(min=1).to(dtype)
@@ -213,6 +215,7 @@ class MultiBoxLoss:
         n_neg_min: least number of negatives kept (per image or per batch, see ``mining``).
         alpha: weight of the localisation term.
         mining: ``"per_image"`` or ``"per_batch"`` (see :func:`hard_negative_mask`).
+        beta: the smooth-L1 transition point of the localisation term (>= 0; 0 is L1).
         coder: a ready :class:`~ssdlit.boxes.BoxCoder` to share with the head.
     """
 
@@ -224,6 +227,7 @@ class MultiBoxLoss:
         alpha: float = 1.0,
         mining: str = "per_image",
         coder: BoxCoder | None = None,
+        beta: float = 1.0,
     ) -> None:
         if mining not in MINING_MODES:
             raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
@@ -232,8 +236,11 @@ class MultiBoxLoss:
         self.coder = coder if coder is not None else BoxCoder(variances)
         self.neg_pos_ratio = float(neg_pos_ratio)
         self.n_neg_min = int(n_neg_min)
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
         self.alpha = float(alpha)
         self.mining = mining
+        self.beta = float(beta)
 
     def __call__(
         self,
@@ -256,10 +263,11 @@ class MultiBoxLoss:
             n_neg_min=self.n_neg_min,
             alpha=self.alpha,
             mining=self.mining,
+            beta=self.beta,
         )
 
     def __repr__(self) -> str:
         return (
             f"MultiBoxLoss(neg_pos_ratio={self.neg_pos_ratio}, n_neg_min={self.n_neg_min}, "
-            f"alpha={self.alpha}, mining={self.mining!r}, coder={self.coder})"
+            f"alpha={self.alpha}, beta={self.beta}, mining={self.mining!r}, coder={self.coder})"
         )

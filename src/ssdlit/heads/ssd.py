@@ -32,7 +32,7 @@ class SSDHead(DetectionHead):
     Args:
         in_channels, num_anchors, num_classes: see :class:`~ssdlit.heads.base.DetectionHead`.
         variances: the box coder's variances.
-        neg_pos_ratio, n_neg_min, alpha, mining: the MultiBox loss options
+        neg_pos_ratio, n_neg_min, alpha, mining, beta: the MultiBox loss options
             (see :class:`~ssdlit.heads.losses.MultiBoxLoss`).
     """
 
@@ -47,6 +47,7 @@ class SSDHead(DetectionHead):
         n_neg_min: int = 0,
         alpha: float = 1.0,
         mining: str = "per_image",
+        beta: float = 1.0,
     ) -> None:
         super().__init__(in_channels=in_channels, num_anchors=num_anchors, num_classes=num_classes)
         self.coder = BoxCoder(variances)
@@ -56,6 +57,7 @@ class SSDHead(DetectionHead):
             alpha=alpha,
             mining=mining,
             coder=self.coder,
+            beta=beta,
         )
         k = self.num_classes + 1
         self.cls_predictors = nn.ModuleList(
@@ -140,6 +142,7 @@ class SSDLiteHead(SSDHead):
         n_neg_min: int = 0,
         alpha: float = 1.0,
         mining: str = "per_image",
+        beta: float = 1.0,
         bn_eps: float = 0.001,
         bn_momentum: float = 0.03,
     ) -> None:
@@ -153,6 +156,7 @@ class SSDLiteHead(SSDHead):
             n_neg_min=n_neg_min,
             alpha=alpha,
             mining=mining,
+            beta=beta,
         )
 
     def _predictor(self, in_channels: int, out_channels: int) -> nn.Module:

@@ -30,6 +30,7 @@ from ssdlit.datamodules import DetectionDataModule
 from ssdlit.module import DetectionModule, plain
 from ssdlit.registry import DATASETS
 from ssdlit.training.callbacks import (
+    EMAWeights,
     ImagesPerSecond,
     PredictionImageLogger,
     SeedEveryEpoch,
@@ -154,6 +155,7 @@ def build_module(cfg: Mapping[str, Any], class_names: Sequence[str]) -> Detectio
         optim=cfg.get("optim"),
         metrics=cfg.get("metrics"),
         clip_boxes=bool(cfg.get("clip_boxes", True)),
+        channels_last=bool(cfg.get("channels_last", False)),
     )
 
 
@@ -177,7 +179,8 @@ def build_callbacks(
 
     ``callbacks`` keys (each null to disable): ``checkpoint`` (``monitor``, ``mode``,
     ``dirpath`` relative to ``run_dir``, ``filename``), ``last_checkpoint`` (``every_n_epochs``),
-    ``lr_monitor``, ``throughput``, ``image_logger``, ``stop_on_nonfinite``, ``early_stopping``,
+    ``lr_monitor``, ``throughput``, ``image_logger``, ``stop_on_nonfinite``, ``ema`` (``decay``,
+    ``warmup_steps``: :class:`EMAWeights`), ``early_stopping``,
     ``seed_every_epoch`` (true when absent: each epoch's data randomness depends only on the
     seed and the epoch, what exact resume needs; see :class:`SeedEveryEpoch`).
     Without a logger (``with_logger=False``) the learning-rate monitor is left out (it needs one).
@@ -226,6 +229,8 @@ def build_callbacks(
         out.append(StopOnNonFiniteLoss())
     if cfg.get("seed_every_epoch", True):
         out.append(SeedEveryEpoch())
+    if cfg.get("ema") is not None:
+        out.append(EMAWeights(**dict(cfg["ema"])))
     if cfg.get("early_stopping") is not None:
         from pytorch_lightning.callbacks import EarlyStopping
 

@@ -11,6 +11,9 @@
   progress bar and in the logs.
 - :class:`PredictionImageLogger`: every few epochs, a grid of validation images with
   predicted (coloured) and ground-truth (white) boxes, to TensorBoard.
+- :class:`EMAWeights`: an exponential moving average of the weights (Lightning's
+  ``WeightAveraging``): validation, the checkpoints and so evaluate / predict / export
+  use the averaged weights.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 from ssdlit.training.visualize import prediction_grid
 
 __all__ = [
+    "EMAWeights",
     "ImagesPerSecond",
     "NonFiniteLossError",
     "PredictionImageLogger",
@@ -286,3 +290,40 @@ class PredictionImageLogger(Callback):
 
 def _finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
+
+
+class EMAWeights(WeightAveraging):
+    """Exponential moving average of the weights and buffers (BatchNorm statistics).
+
+    After every optimiser step ``avg <- d * avg + (1 - d) * weights`` with
+    ``d = decay * (1 - exp(-updates / warmup_steps))``: the average follows the raw
+    weights closely at first (when they move fast) and settles to ``decay`` later; the
+    time constant is ``1 / (1 - decay)`` steps. Lightning's ``WeightAveraging`` swaps the
+    average in for validation and writes it as the checkpoint's ``state_dict`` (the raw
+    weights and the averaging state go beside it, so ``ckpt_path=last`` resumes both);
+    evaluate, predict and export therefore use the averaged model.
+
+    Args:
+        decay: in [0, 1); e.g. 0.99 for a run of a few hundred steps, 0.999 for long runs.
+        warmup_steps: the ramp of the decay in optimiser steps (0: none).
+    """
+
+    def __init__(self, decay: float = 0.999, warmup_steps: int = 0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"ema warmup_steps must be >= 0, got {warmup_steps}")
+        self.decay, self.warmup_steps = float(decay), int(warmup_steps)
+        super().__init__(avg_fn=self._average)
+
+    def current_decay(self, updates: int) -> float:
+        """The decay ``d`` of the ``updates``-th update (1-based)."""
+        if self.warmup_steps == 0:
+            return self.decay
+        return self.decay * (1.0 - math.exp(-updates / self.warmup_steps))
+
+    def _average(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        d = self.current_decay(int(num_averaged))
+        if not averaged.is_floating_point():  # counters (BatchNorm's num_batches_tracked)
+            return current
+        return averaged + (current - averaged) * (1.0 - d)

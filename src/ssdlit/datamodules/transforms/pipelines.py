@@ -230,10 +230,28 @@ def ssd_pipeline(
                 aspect_ratio=tuple(crop_aspect_ratio),
             )
         )
+    return _flip_resize_compose(
+        ts, flip_p, extra, (h, w), interpolation, extra_after_resize, min_visibility, min_size, seed
+    )
+
+
+def _flip_resize_compose(
+    ts: list[BasicTransform | BaseCompose],
+    flip_p: float,
+    extra: Sequence[Spec] | None,
+    size: tuple[int, int],
+    interpolation: int | str,
+    extra_after_resize: Sequence[Spec] | None,
+    min_visibility: float,
+    min_size: float,
+    seed: int | None,
+) -> A.Compose:
+    """The common tail of the training pipelines: ``ts`` -> horizontal flip (p=``flip_p``)
+    -> ``extra`` -> resize to ``size`` (H, W) -> ``extra_after_resize``, composed."""
     if flip_p > 0:
         ts.append(A.HorizontalFlip(p=flip_p))
     ts += _specs(extra)
-    ts.append(A.Resize(h, w, interpolation=_interp(interpolation)))
+    ts.append(A.Resize(*size, interpolation=_interp(interpolation)))
     ts += _specs(extra_after_resize)
     return make_compose(ts, min_visibility=min_visibility, min_size=min_size, seed=seed)
 
@@ -253,12 +271,9 @@ def light_pipeline(
     """Horizontal flip (p=``flip_p``) -> ``extra`` -> resize -> ``extra_after_resize``."""
     h, w = as_hw(image_size)
     ts: list[BasicTransform | BaseCompose] = []
-    if flip_p > 0:
-        ts.append(A.HorizontalFlip(p=flip_p))
-    ts += _specs(extra)
-    ts.append(A.Resize(h, w, interpolation=_interp(interpolation)))
-    ts += _specs(extra_after_resize)
-    return make_compose(ts, min_visibility=min_visibility, min_size=min_size, seed=seed)
+    return _flip_resize_compose(
+        ts, flip_p, extra, (h, w), interpolation, extra_after_resize, min_visibility, min_size, seed
+    )
 
 
 @PIPELINES.register("val")
