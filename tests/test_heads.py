@@ -807,3 +807,15 @@ def test_multibox_beta_zero_is_l1_on_the_positives():
     assert smooth["loss_box"] < out["loss_box"]  # beta 1 is quadratic below 1: smaller
     with pytest.raises(ValueError, match="beta"):
         SSDHead(in_channels=[8], num_anchors=[2], num_classes=C, beta=-1.0)
+
+
+@pytest.mark.parametrize("shape", [(4, 48), (3, 50), (2, 64)])
+def test_positive_search_by_blocks_equals_nonzero(shape):
+    from ssdlit.heads.losses import _positives
+
+    gen = torch.Generator().manual_seed(shape[1])
+    matches = torch.randint(-2, 3, shape, generator=gen)
+    matches[0] = -1  # an image without positives
+    got = _positives(matches, block=16)
+    expected = (matches >= 0).nonzero(as_tuple=True)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))

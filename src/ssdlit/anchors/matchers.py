@@ -157,9 +157,14 @@ class AnchorOverlaps:
             return torch.tensor(values, dtype=dtype, device=dev)
 
         size_t, first_t, step_t = table(size, dt), table(first, dt), table(step, dt)
+        x, y = torch.cat(xs), torch.cat(ys)
         return {
-            "x": torch.cat(xs),
-            "y": torch.cat(ys),
+            "x": x,
+            "y": y,
+            "x1": x[:, 0].contiguous(),
+            "x2": x[:, 1].contiguous(),
+            "y1": y[:, 0].contiguous(),
+            "y2": y[:, 1].contiguous(),
             "off": table(off, torch.long),
             "size": size_t,
             "amin": table(amin, dt),
@@ -244,15 +249,21 @@ class AnchorOverlaps:
             ),
             dim=1,
         ).int()
-        cells = table.index_select(0, cell_pair).t().contiguous()  # [8, N]
-        a0, x0, y0, c0, w, rs, ns, mc = cells.unbind(0)  # [N] each
+        # column by column (1-D gathers: no large fresh [N, 8] block)
+        a0, x0, y0, c0, w, rs, ns, mc = (c.index_select(0, cell_pair) for c in table.t())
         q = torch.arange(cell_pair.shape[0], dtype=torch.int32, device=pairs.device) - c0
         row = torch.div(q, w, rounding_mode="floor")
         col = q - row * w  # (row, col) within the pair's rectangle
-        bx = boxes.index_select(0, mc)  # [N, 4]
-        ax, ay = t["x"].index_select(0, x0 + col), t["y"].index_select(0, y0 + row)  # [N, 2]
-        iw = (torch.minimum(bx[:, 2], ax[:, 1]) - torch.maximum(bx[:, 0], ax[:, 0])).clamp_(min=0)
-        ih = (torch.minimum(bx[:, 3], ay[:, 1]) - torch.maximum(bx[:, 1], ay[:, 0])).clamp_(min=0)
+        x1, y1, x2, y2 = (c.index_select(0, mc) for c in _columns(boxes))  # [N] each
+        xi, yi = x0 + col, y0 + row
+        iw = (
+            torch.minimum(x2, t["x2"].index_select(0, xi))
+            - torch.maximum(x1, t["x1"].index_select(0, xi))
+        ).clamp_(min=0)
+        ih = (
+            torch.minimum(y2, t["y2"].index_select(0, yi))
+            - torch.maximum(y1, t["y1"].index_select(0, yi))
+        ).clamp_(min=0)
         inter = ih * iw
         anchor = a0 + row * rs + col * ns
         union = (area[:, 0].index_select(0, mc) + self.area.index_select(0, anchor)) - inter
@@ -307,6 +318,11 @@ class AnchorOverlaps:
         if self._may_divide_by_zero:
             iou.nan_to_num_(0.0)  # a zero union (degenerate pair) gives IoU 0
         return iou.view(b, m, -1)
+
+
+def _columns(boxes: Tensor) -> tuple[Tensor, ...]:
+    """The four coordinates of ``boxes [M, 4]`` as contiguous ``[M]`` columns."""
+    return tuple(c.contiguous() for c in boxes.t())
 
 
 _OVERLAPS_CACHE: dict[tuple, AnchorOverlaps] = {}

@@ -68,6 +68,21 @@ def encode_targets(
     return coder.encode(gt, anchors)
 
 
+def _positives(matches: Tensor, block: int = 64) -> tuple[Tensor, Tensor]:
+    """``(matches >= 0).nonzero(as_tuple=True)`` for sparse positives: blocks of ``block``
+    anchors are tested first (one max per block), and only the blocks that hold a
+    positive are searched, which touches far less memory than a full boolean mask."""
+    a = matches.shape[1]
+    flat = matches.reshape(-1)
+    if flat.numel() % block:
+        return (matches >= 0).nonzero(as_tuple=True)
+    blocks = flat.view(-1, block)
+    hit = (blocks.amax(dim=1) >= 0).nonzero().squeeze(1)  # blocks with a positive
+    row, col = (blocks.index_select(0, hit) >= 0).nonzero(as_tuple=True)
+    index = hit.index_select(0, row) * block + col  # row-major, as nonzero() orders
+    return index // a, index % a
+
+
 def positive_targets(
     matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor, anchors: Tensor, coder: BoxCoder
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -87,7 +102,7 @@ def positive_targets(
         ``gt_boxes``) and ``labels [B, A]`` int64: the matched gt's label for
         positives, 0 for every other anchor (ignored ones included).
     """
-    image, anchor = (matches >= 0).nonzero(as_tuple=True)  # [P] each
+    image, anchor = _positives(matches)  # [P] each
     gt = matches[image, anchor]
     matched = convert(gt_boxes[image, gt], "xyxy", "cxcywh")  # [P, 4]
     loc = coder.encode(matched, anchors.to(matched.dtype).index_select(0, anchor))
