@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ssdlit.datamodules import DataError, DetectionDataModule
 from ssdlit.detector import Detector, ExportWrapper
-from ssdlit.exporting import export_onnx, export_torchscript, verify_onnx
+from ssdlit.exporting import export_onnx, export_torchscript, load_torchscript, verify_onnx
 from ssdlit.module import plain
 from ssdlit.predict import UsageError, checkpoint_path, load_module, report_usage_errors
 from ssdlit.training.builders import build_source, split_specs
@@ -169,7 +169,7 @@ def verify_torchscript(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        loaded = load_torchscript(path, map_location="cpu").eval()
     reference = ExportWrapper(detector).eval()
     worst = {"detections": 0.0, "max_box_diff": 0.0, "max_score_diff": 0.0}
     for i in range(len(images)):
@@ -271,7 +271,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             entry = {"path": str(path), "batch": 1}
             lines.append(
                 f"TorchScript  {path}  ({_size(path)}, batch of 1 image; "
-                "import torchvision before torch.jit.load)"
+                "load with ssdlit.exporting.load_torchscript)"
             )
             try:
                 numbers = verify_torchscript(detector, path, images, atol=atol, score_tol=score_tol)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ssdlit.anchors.kmeans import AnchorCoverage, anchor_coverage, kmeans_anchors
 from ssdlit.datamodules.records import Record
+from ssdlit.training.visualize import PALETTE
 
 __all__ = [
     "DatasetStats",
@@ -184,18 +185,6 @@ def draw_records(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    palette = [
-        (230, 25, 75),
-        (60, 180, 75),
-        (0, 130, 200),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-        (210, 245, 60),
-        (250, 190, 212),
-        (0, 128, 128),
-    ]
     written = []
     for r in list(records)[:n]:
         image = Image.fromarray(r.load_image())
@@ -203,7 +192,7 @@ def draw_records(
         for box, label, diff in zip(
             r.boxes.tolist(), r.labels.tolist(), r.difficult.tolist(), strict=True
         ):
-            color = palette[(label - 1) % len(palette)]
+            color = PALETTE[(label - 1) % len(PALETTE)]
             draw.rectangle(box, outline=color, width=2)
             text = class_names[label - 1] + (" (difficult)" if diff else "")
             draw.text((box[0] + 3, box[1] + 2), text, fill=color)

@@ -37,7 +37,6 @@ __all__ = [
     "SSDMatcher",
     "YOLOv3Matcher",
     "anchor_overlaps",
-    "bipartite",
     "greedy_on_candidates",
     "masked_iou",
     "top_anchors",
@@ -481,38 +480,6 @@ def greedy_picks(
             break
     image, p = picked.nonzero(as_tuple=True)
     return image, anchor[image, p], gt[p]
-
-
-def bipartite(iou: Tensor, gt_mask: Tensor) -> Tensor:
-    """Greedy bipartite matching (:func:`greedy_bipartite`) with a fast common case.
-
-    When the best anchors of an image's gts are all different, the greedy procedure
-    gives every gt its own best anchor (lowest index on ties), so only images where
-    two gts share a best anchor run the sequential procedure.
-
-    Args:
-        iou: ``[B, G, A]``, padded rows negative; gt_mask: ``[B, G]``.
-    Returns:
-        ``[B, A]`` long: the gt matched to each anchor, or -1.
-    """
-    b, g, a = iou.shape
-    best_anchor = iou.argmax(dim=2)  # [B, G], first maximum
-    # Padded slots get distinct negative ids so that they never look like a clash.
-    ids = torch.where(gt_mask, best_anchor, -1 - torch.arange(g, device=iou.device))
-    ordered = ids.sort(dim=1).values
-    clash = (
-        (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-        if g > 1
-        else ids.new_zeros(b, dtype=torch.bool)
-    )
-    matches = torch.full((b, a), BACKGROUND, dtype=torch.long, device=iou.device)
-    gt_ids = torch.arange(g, device=iou.device).expand(b, g)
-    src = torch.where(gt_mask & ~clash[:, None], gt_ids, BACKGROUND)
-    matches.scatter_reduce_(1, best_anchor, src, reduce="amax")
-    if bool(clash.any()):
-        rows = clash.nonzero().flatten()
-        matches[rows] = greedy_bipartite(iou[rows])
-    return matches
 
 
 @MATCHERS.register("ssd")
