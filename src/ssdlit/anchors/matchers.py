@@ -101,6 +101,7 @@ class AnchorOverlaps:
     def __init__(self, anchors_cxcywh: Tensor) -> None:
         xyxy = convert(anchors_cxcywh, "cxcywh", "xyxy")
         self.xyxy = xyxy
+        self.columns = tuple(c.contiguous() for c in xyxy.t())  # x1, y1, x2, y2: [A] each
         self.area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])  # [A]
         self.levels = _grid_levels(anchors_cxcywh)
         # With positive anchor areas the union is never 0 (it is at least the anchor's).
@@ -156,23 +157,34 @@ class AnchorOverlaps:
             return torch.tensor(values, dtype=dtype, device=dev)
 
         size_t, first_t, step_t = table(size, dt), table(first, dt), table(step, dt)
+        last = table(cells, dt) - 1  # [K, 2] the last column, row
         x, y = torch.cat(xs), torch.cat(ys)
+        base, row_step, n = zip(*index, strict=True)
         return {
-            "x": x,
-            "y": y,
             "x1": x[:, 0].contiguous(),
             "x2": x[:, 1].contiguous(),
             "y1": y[:, 0].contiguous(),
             "y2": y[:, 1].contiguous(),
-            "off": table(off, torch.long),
             "size": size_t,
             "amin": table(amin, dt),
-            # centres within the overlap range: (lo + need - near) / step ... (hi - need - far) / step
-            "near": first_t + size_t / 2,
-            "far": first_t - size_t / 2,
-            "step": step_t,
-            "last": table(cells, dt) - 1,
-            "index": table(index, torch.long),  # [K, 3] base, row_step, n
+            "eps": torch.tensor(1e-3, dtype=dt, device=dev),
+            # Centres i with first + i * step inside [lo + need - size / 2, hi - need +
+            # size / 2] as -start and stop in one affine map + floor: (lo + need, hi -
+            # need) minus "shift", times "scale", plus the margin (1/1000 cell).
+            "shift": torch.cat((first_t + size_t / 2, first_t - size_t / 2), dim=1),  # [K, 4]
+            "scale": torch.cat((-1 / step_t, 1 / step_t), dim=1),
+            "low": torch.cat((-(last + 1), last.new_full(last.shape, -1.0)), dim=1),
+            "high": torch.cat((torch.zeros_like(last), last), dim=1),
+            # per group: first anchor, anchors per row, per cell, first column, first row
+            "group": torch.stack(
+                (
+                    table(base, torch.long),
+                    table(row_step, torch.long),
+                    table(n, torch.long),
+                    *table(off, torch.long).unbind(1),
+                ),
+                dim=1,
+            ),  # [K, 5]
         }
 
     @property
@@ -202,58 +214,55 @@ class AnchorOverlaps:
         t = self._tables
         if t is None:
             raise RuntimeError("above() needs anchors that form product grids")
-        num_groups = t["off"].shape[0]
+        num_groups = t["group"].shape[0]
         lo, hi = boxes[:, None, :2], boxes[:, None, 2:]  # [M, 1, 2] (x, y)
         extent = hi - lo
         area = extent.prod(dim=2)  # [M, 1]
         # IoU >= t needs inter = iw * ih >= t * union, where union >= max(areas) and
         # union = sum(areas) - inter (so inter >= t / (1 + t) * sum(areas)); ih <= min(heights).
+        margin = 1 - 1e-4
         need = torch.maximum(
-            area.clamp(min=t["amin"]) * threshold,
-            (area + t["amin"]) * (threshold / (1 + threshold)),
-        ) * (1 - 1e-4)  # [M, K]
-        need = need[..., None] / torch.minimum(extent, t["size"]).flip(-1)  # [M, K, 2] (w, h)
-        start = torch.ceil((lo + need - t["near"]) / t["step"] - 1e-3)
-        stop = torch.floor((hi - need - t["far"]) / t["step"] + 1e-3)
-        start = torch.minimum(start.clamp_(min=0), t["last"] + 1)
-        stop = torch.minimum(stop, t["last"]).clamp_(min=-1)
-        span = (stop - start + 1).clamp_(min=0)  # [M, K, 2] columns, rows
-        possible = ((need <= t["size"]) & (need <= extent)).all(dim=2)  # NaN: False
-        count = (span.prod(dim=2) * possible).long().flatten()  # [M * K] cells per pair
+            area.clamp(min=t["amin"]) * (threshold * margin),
+            (area + t["amin"]) * (threshold / (1 + threshold) * margin),
+        )  # [M, K] the least intersection area
+        short = torch.minimum(extent, t["size"])  # [M, K, 2] the most intersection w, h
+        need = need[..., None] / short.flip(-1)  # [M, K, 2] the least intersection w, h
+        ends = torch.cat((lo + need, hi - need), dim=2).sub_(t["shift"])  # [M, K, 4]
+        # -first column, -first row, last column, last row (clamped to the grid)
+        bounds = torch.addcmul(t["eps"], ends, t["scale"]).floor_()
+        bounds = torch.clamp_(bounds, min=t["low"], max=t["high"])
+        span = (bounds[..., 2:] + bounds[..., :2]).add_(1).clamp_(min=0)  # [M, K, 2] columns, rows
+        possible = (need <= short).all(dim=2)  # NaN: False
+        count = torch.where(possible, span.prod(dim=2), 0).long().flatten()  # [M * K] cells
         pairs = count.nonzero().squeeze(1)  # [P] flat (box, group) ids with cells
         if pairs.numel() == 0:
             empty = pairs.new_empty(0)
             return empty, empty, boxes.new_empty(0)
         count = count.index_select(0, pairs)
-        cell_pair = torch.repeat_interleave(
-            torch.arange(pairs.shape[0], device=pairs.device), count
-        )  # [N] the pair of each cell
-        m, g = pairs // num_groups, pairs % num_groups
-        start = start.view(-1, 2).index_select(0, pairs).long()  # [P, 2] first column, row
-        width = span.view(-1, 2).index_select(0, pairs)[:, 0].long()
-        base, row_step, n = t["index"].index_select(0, g).unbind(1)
-        # Per pair (a [P, 8] table, int32 to halve the per-cell memory): the first
-        # cell's anchor and interval entries, the pair's first cell, its width, strides
-        # and box; then one gather spreads them to the cells.
+        m = pairs // num_groups
+        group = t["group"].index_select(0, pairs % num_groups)  # [P, 5]
+        b4 = bounds.view(-1, 4).index_select(0, pairs).long()  # [P, 4]
+        xy0 = group[:, 3:] - b4[:, :2]  # the pair's first cell in the interval tables
+        # Per pair (int32 rows: half the per-cell memory): the first cell's anchor and
+        # interval entries, the pair's first cell in the output, its width, the strides.
         table = torch.stack(
             (
-                base + start[:, 1] * row_step + start[:, 0] * n,
-                t["off"][:, 0].index_select(0, g) + start[:, 0],
-                t["off"][:, 1].index_select(0, g) + start[:, 1],
+                group[:, 0] - b4[:, 1] * group[:, 1] - b4[:, 0] * group[:, 2],
+                xy0[:, 0],
+                xy0[:, 1],
                 torch.cumsum(count, 0) - count,
-                width,
-                row_step,
-                n,
-                m,
-            ),
-            dim=1,
-        ).int()
-        # column by column (1-D gathers: no large fresh [N, 8] block)
-        a0, x0, y0, c0, w, rs, ns, mc = (c.index_select(0, cell_pair) for c in table.t())
+                (b4[:, 2] + b4[:, 0]).add_(1),
+                group[:, 1],
+                group[:, 2],
+            )
+        ).int()  # [7, P]
+        gt = torch.cat((boxes, area), dim=1).index_select(0, m).t().contiguous()  # [5, P]
+        cell_pair = torch.repeat_interleave(count)  # [N] the pair of each cell
+        a0, x0, y0, c0, w, rs, ns = (c.index_select(0, cell_pair) for c in table)
+        x1, y1, x2, y2, gt_area = (c.index_select(0, cell_pair) for c in gt)
         q = torch.arange(cell_pair.shape[0], dtype=torch.int32, device=pairs.device) - c0
         row = torch.div(q, w, rounding_mode="floor")
-        col = q - row * w  # (row, col) within the pair's rectangle
-        x1, y1, x2, y2 = (c.index_select(0, mc) for c in _columns(boxes))  # [N] each
+        col = torch.remainder(q, w)  # (row, col) within the pair's rectangle
         xi, yi = x0 + col, y0 + row
         iw = (
             torch.minimum(x2, t["x2"].index_select(0, xi))
@@ -265,11 +274,10 @@ class AnchorOverlaps:
         ).clamp_(min=0)
         inter = ih * iw
         anchor = a0 + row * rs + col * ns
-        union = (area[:, 0].index_select(0, mc) + self.area.index_select(0, anchor)) - inter
-        iou = inter / union
+        iou = inter / ((gt_area + self.area.index_select(0, anchor)) - inter)
         keep = (iou >= threshold).nonzero().squeeze(1)
         return (
-            mc.index_select(0, keep).long(),
+            m.index_select(0, cell_pair.index_select(0, keep)),
             anchor.index_select(0, keep).long(),
             iou.index_select(0, keep),
         )
@@ -301,13 +309,9 @@ class AnchorOverlaps:
                 out = inter[:, start : start + fh * fw * n].view(b * m, fh, fw, n)
                 torch.mul(ih[:, :, None, :], iw[:, None, :, :], out=out)  # [BG, fh, fw, n]
         else:
-            ax = self.xyxy
-            iw = (
-                torch.minimum(x2[:, :, 0], ax[:, 2]) - torch.maximum(x1[:, :, 0], ax[:, 0])
-            ).clamp_(min=0)
-            ih = (
-                torch.minimum(y2[:, :, 0], ax[:, 3]) - torch.maximum(y1[:, :, 0], ax[:, 1])
-            ).clamp_(min=0)
+            ax1, ay1, ax2, ay2 = self.columns
+            iw = (torch.minimum(x2[:, :, 0], ax2) - torch.maximum(x1[:, :, 0], ax1)).clamp_(min=0)
+            ih = (torch.minimum(y2[:, :, 0], ay2) - torch.maximum(y1[:, :, 0], ay1)).clamp_(min=0)
             torch.mul(iw, ih, out=inter)
         torch.add(
             ((flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1]))[:, None], self.area, out=union
@@ -317,11 +321,6 @@ class AnchorOverlaps:
         if self._may_divide_by_zero:
             iou.nan_to_num_(0.0)  # a zero union (degenerate pair) gives IoU 0
         return iou.view(b, m, -1)
-
-
-def _columns(boxes: Tensor) -> tuple[Tensor, ...]:
-    """The four coordinates of ``boxes [M, 4]`` as contiguous ``[M]`` columns."""
-    return tuple(c.contiguous() for c in boxes.t())
 
 
 _OVERLAPS_CACHE: dict[tuple, AnchorOverlaps] = {}
@@ -450,34 +449,42 @@ def greedy_picks(
     dev = cand_iou.device
     iou = cand_iou.reshape(b, n)
     anchor = cand_anchor.reshape(b, n)
-    gt = torch.arange(g, device=dev).repeat_interleave(k)  # [n]
-    alive = iou >= 0  # [B, n]
-    blocks = conflict = None
-    if n <= 1024:  # beyond, the pairwise tables would be large: one pair per step
-        # conflict[p, q]: p and q share a gt or an anchor; blocks[p, q]: q also comes
-        # first (IoU descending, then flattened position: gt, then the gt's list).
-        conflict = (gt[:, None] == gt[None, :]) | (anchor[:, :, None] == anchor[:, None, :])
-        pos = torch.arange(n, device=dev)
-        first = (iou[:, :, None] > iou[:, None, :]) | (
-            (iou[:, :, None] == iou[:, None, :]) & (pos[:, None] < pos[None, :])
-        )  # [B, n, n] p comes before q
-        blocks = conflict & ~first & (pos[:, None] != pos[None, :])
-    picked = torch.zeros((b, n), dtype=torch.bool, device=dev)
-    for _ in range(g if steps is None else min(steps, g)):  # each round matches >= 1 gt
-        if blocks is not None:
-            # dominant: alive, and no alive pair that comes first shares its gt or anchor
-            take = alive & ~(blocks & alive[:, None, :]).any(dim=2)  # [B, n]
-            gone = (conflict & take[:, :, None]).any(dim=1)  # [B, n] shares with a taken pair
-        else:
+    pos = torch.arange(n, device=dev)
+    gt = pos // k  # [n] the gt of each flattened candidate
+    rounds = g if steps is None else min(steps, g)  # each round matches >= 1 gt
+    if n > 1024:  # the pairwise tables would be large: one pair per step
+        alive = iou >= 0  # [B, n]
+        picked = torch.zeros((b, n), dtype=torch.bool, device=dev)
+        for _ in range(rounds):
             best, flat = iou.masked_fill(~alive, -1.0).max(dim=1)  # first maximum
             take = torch.zeros_like(alive)
             take[torch.arange(b, device=dev), flat] = best >= 0
             gone = (anchor == anchor.gather(1, flat[:, None])) | (gt == gt[flat][:, None])
             gone &= (best >= 0)[:, None]
-        picked |= take
-        alive &= ~gone
-        if not bool(alive.any()):
-            break
+            picked |= take
+            alive &= ~gone
+            if not bool(alive.any()):
+                break
+    else:
+        # The greedy order as a rank (IoU descending, then flattened position: gt,
+        # then the gt's list); conflict[p, q]: p and q share a gt or an anchor;
+        # blocks[p, q]: they conflict and q comes first. 0/1 floats: a matrix product
+        # counts, for every pair at once, the live pairs that block it.
+        order = iou.sort(dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, pos.expand(b, n))
+        conflict = (gt[:, None] == gt[None, :]) | (anchor[:, :, None] == anchor[:, None, :])
+        blocks = (conflict & (rank[:, None, :] < rank[:, :, None])).float()  # [B, n, n]
+        conflict = conflict.float()
+        live = (iou >= 0).float()[:, :, None]  # [B, n, 1]
+        taken = torch.zeros_like(live)
+        for _ in range(rounds):
+            # dominant: live, and no live pair that comes first shares its gt or anchor
+            take = live * (torch.bmm(blocks, live) == 0)
+            live = live * (torch.bmm(conflict, take) == 0)  # gone: shares with a taken pair
+            taken += take
+            if not bool(live.any()):
+                break
+        picked = taken[:, :, 0] > 0
     image, p = picked.nonzero(as_tuple=True)
     return image, anchor[image, p], gt[p]
 
@@ -509,7 +516,7 @@ class SSDMatcher(Matcher):
         self.matching = matching
         self.pos_iou_threshold = float(pos_iou_threshold)
         self.neg_iou_limit = None if neg_iou_limit is None else float(neg_iou_limit)
-        self._work: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._keys: dict[torch.dtype, int] = {}
 
     def _low_threshold(self) -> float | None:
         """The lowest IoU that decides anything beyond the bipartite step: the pairs the
@@ -543,59 +550,71 @@ class SSDMatcher(Matcher):
         slot: Tensor,
         best_anchor: Tensor,
         overlaps: AnchorOverlaps,
-        pairs: tuple[Tensor, Tensor, Tensor] | None = None,
+        pairs: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        """Greedy bipartite into ``matches [B, A]``, given each packed gt's first best
-        anchor ``best_anchor [M]``: directly where an image's gts have distinct best
-        anchors; for the other images the sequential procedure runs on each gt's k best
-        anchors (k = the most gts of such an image), taken from ``pairs`` (rows,
-        anchors, IoU of the pairs above a threshold, as :meth:`AnchorOverlaps.above`
-        gives) for gts with at least k of them, else from dense rows."""
+        """Greedy bipartite into ``matches [B, A]`` (overwriting what is there), given
+        each packed gt's first best anchor ``best_anchor [M]``: directly where an
+        image's gts have distinct best anchors; for the other images the sequential
+        procedure runs on each gt's k best anchors (k = the most gts of such an image).
+        ``pairs``: ``rows [N]`` (ascending) and ``keys [N]`` (IoU float32 bits << 32 |
+        A - 1 - anchor) of the pairs above a threshold, where a gt with at least k of
+        them finds its k best; the other gts get a dense row."""
         b, a = matches.shape
         dev = matches.device
-        key, order = (img * a + best_anchor).sort()
-        dup = key[1:] == key[:-1]
-        clash_img = torch.zeros(b, dtype=torch.bool, device=dev)
-        clash_img[img[order[1:][dup]]] = True
-        easy = ~clash_img[img]
-        matches[img[easy], best_anchor[easy]] = slot[easy]
-        if not bool(clash_img.any()):
+        out = matches.view(-1)
+        flat = img * a + best_anchor  # [M]
+        ordered = flat.sort().values
+        same = ordered[1:] == ordered[:-1]  # two gts of one image share a best anchor
+        if not bool(same.any()):
+            out.index_put_((flat,), slot)
             return
-        images = clash_img.nonzero().flatten()  # [R]
-        at = torch.full((b,), -1, dtype=torch.long, device=dev)
-        at[images] = torch.arange(images.shape[0], device=dev)  # image -> position in R
-        hard = (~easy).nonzero().squeeze(1)  # [S] packed gts of those images
-        g = int(slot[hard].max()) + 1
-        k = min(int(torch.bincount(img[hard]).max()), a)
-        cand_anchor = torch.zeros((images.shape[0], g, k), dtype=torch.long, device=dev)
-        cand_iou = boxes.new_full((images.shape[0], g, k), -1.0)
-        dense = hard
+        clash = torch.zeros(b, dtype=torch.bool, device=dev)
+        clash.index_fill_(0, ordered[1:][same] // a, True)  # [B] images with a clash
+        hard_gt = clash.index_select(0, img)  # [M]
+        easy = (~hard_gt).nonzero().squeeze(1)
+        out.index_put_((flat.index_select(0, easy),), slot.index_select(0, easy))
+        hard = hard_gt.nonzero().squeeze(1)  # [S] the gts of the clashing images
+        hard_img, hard_slot = img.index_select(0, hard), slot.index_select(0, hard)
+        g = int(hard_slot.max()) + 1
+        k = min(int(torch.bincount(hard_img).max()), a)
+        cand_anchor = torch.zeros((hard.shape[0], k), dtype=torch.long, device=dev)
+        cand_iou = boxes.new_full((hard.shape[0], k), -1.0)
+        dense = torch.ones(hard.shape[0], dtype=torch.bool, device=dev)
         if pairs is not None:
-            rows, anchor, iou = pairs
-            enough = torch.zeros(img.shape[0], dtype=torch.bool, device=dev)
-            enough[hard] = torch.bincount(rows, minlength=img.shape[0])[hard] >= k
-            dense = hard[~enough[hard]]
-            use = enough[rows].nonzero().squeeze(1)
-            rows, anchor, iou = rows[use], anchor[use], iou[use]
-            # Order by gt, then IoU descending, then anchor (stable sorts, last key first).
-            o = anchor.sort(stable=True).indices
-            o = o[iou[o].sort(stable=True, descending=True).indices]
-            o = o[rows[o].sort(stable=True).indices]
-            rows, anchor, iou = rows[o], anchor[o], iou[o]
-            counts = torch.bincount(rows, minlength=img.shape[0])
-            rank = (
-                torch.arange(rows.shape[0], device=dev) - (torch.cumsum(counts, 0) - counts)[rows]
-            )
-            top = (rank < k).nonzero().squeeze(1)
-            r = rows[top]
-            cand_anchor[at[img[r]], slot[r], rank[top]] = anchor[top]
-            cand_iou[at[img[r]], slot[r], rank[top]] = iou[top]
-        if dense.numel():
-            d_anchor, d_iou = top_anchors(overlaps(boxes[dense][None])[0], k)  # [F, k]
-            cand_anchor[at[img[dense]], slot[dense]] = d_anchor
-            cand_iou[at[img[dense]], slot[dense]] = d_iou
-        image, anchor, gt = greedy_picks(cand_anchor, cand_iou, steps=k)
-        matches[images[image], anchor] = gt  # gt: the slot (the layout is by slot)
+            rows, keys = pairs
+            use = hard_gt.index_select(0, rows).nonzero().squeeze(1)
+            rows, keys = rows.index_select(0, use), keys.index_select(0, use)
+            counts = torch.bincount(rows, minlength=img.shape[0])  # [M] pairs per gt
+            most = int(counts.max()) if rows.numel() else 0
+            if most >= k:
+                # each gt's pairs in a row of a [S, most] table, then its k largest keys
+                at = torch.cumsum(hard_gt, 0) - 1  # packed gt -> position among the S
+                cell = at.index_select(0, rows) * most + (
+                    torch.arange(rows.shape[0], device=dev)
+                    - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
+                )
+                table = torch.full((hard.shape[0] * most,), -1, dtype=torch.long, device=dev)
+                top = table.index_put_((cell,), keys).view(-1, most).topk(k, dim=1).values
+                cand_anchor = (a - 1) - (top & 0xFFFFFFFF)
+                cand_iou = (top >> 32).int().view(torch.float32).to(boxes.dtype)
+                dense = counts.index_select(0, hard) < k
+        lack = dense.nonzero().squeeze(1)
+        if lack.numel():
+            rows = overlaps(boxes.index_select(0, hard.index_select(0, lack))[None])[0]
+            d_anchor, d_iou = top_anchors(rows, k)  # [F, k]
+            cand_anchor = cand_anchor.index_copy_(0, lack, d_anchor)
+            cand_iou = cand_iou.index_copy_(0, lack, d_iou)
+        # the [R, g, k] layout of greedy_picks: clashing image, then gt slot
+        images = clash.nonzero().squeeze(1)  # [R]
+        position = (torch.cumsum(clash, 0) - 1).index_select(0, hard_img) * g + hard_slot
+        layout_anchor = cand_anchor.new_zeros((images.shape[0] * g, k))
+        layout_iou = cand_iou.new_full((images.shape[0] * g, k), -1.0)
+        layout_anchor.index_copy_(0, position, cand_anchor)
+        layout_iou.index_copy_(0, position, cand_iou)
+        image, anchor, gt = greedy_picks(
+            layout_anchor.view(-1, g, k), layout_iou.view(-1, g, k), steps=k
+        )
+        out.index_put_((images.index_select(0, image) * a + anchor,), gt)
 
     def _match_dense(
         self, matches: Tensor, boxes: Tensor, img: Tensor, slot: Tensor, overlaps: AnchorOverlaps
@@ -638,11 +657,14 @@ class SSDMatcher(Matcher):
 
         Every decision after the bipartite step compares an IoU with a threshold
         ``>= low``, and a gt's best anchor is among its pairs whenever it has any; the
-        few gts without one (best IoU below ``low``) get a dense row.
+        few gts without one (best IoU below ``low``) get a dense row. The multi and
+        ignore decisions are written first; the bipartite matches then overwrite theirs
+        (a bipartite anchor keeps its gt whatever else reaches it).
         """
-        b, a = matches.shape
+        a = matches.shape[1]
         m, dev = img.shape[0], matches.device
-        rows, anchor, iou = overlaps.above(boxes, low)  # [N] each
+        rows, anchor, iou = overlaps.above(boxes, low)  # [N] each, rows ascending
+        keys = None
         # 1. Each gt's first best anchor.
         if iou.dtype == torch.float64:  # two passes: the best IoU, then the lowest anchor
             best = iou.new_full((m,), -1.0).scatter_reduce_(0, rows, iou, reduce="amax")
@@ -651,44 +673,69 @@ class SSDMatcher(Matcher):
             best_anchor.scatter_reduce_(0, rows[top], anchor[top], reduce="amin")
         else:  # one pass on a key: the bits of a positive float32 sort like the float
             bits = iou.float().view(torch.int32).long() << 32
+            keys = bits | (a - 1 - anchor)
             key = torch.full((m,), -1, dtype=torch.long, device=dev)
-            key.scatter_reduce_(0, rows, bits | (a - 1 - anchor), reduce="amax")
+            key.scatter_reduce_(0, rows, keys, reduce="amax")
             best_anchor = torch.where(key < 0, a, (a - 1) - (key & 0xFFFFFFFF))
         lonely = (best_anchor == a).nonzero().squeeze(1)
         if lonely.numel():
             best_anchor[lonely] = overlaps(boxes[lonely][None])[0].argmax(dim=1)
-        self._bipartite(matches, boxes, img, slot, best_anchor, overlaps, (rows, anchor, iou))
-        if iou.numel() == 0:
-            return
-        # 2. The best gt of each anchor that has a pair, per image; ties: the lowest
-        # slot, which is the lowest packed row (rows are ordered by image, then slot).
-        flat = img.index_select(0, rows) * a + anchor  # [N] into matches.view(-1)
-        work = (b * a, dev)
-        if work not in self._work:
-            self._work.clear()
-            self._work[work] = torch.empty(b * a, dtype=torch.long, device=dev)
-        best = self._work[work]  # scratch: only the entries at `flat` are set and read
-        if iou.dtype == torch.float64:  # two passes: the best IoU, then the lowest row
-            top = iou.new_full((b * a,), -1.0).scatter_reduce_(0, flat, iou, reduce="amax")
-            top = (iou == top.index_select(0, flat)).nonzero().squeeze(1)
-            flat, rows, iou = flat[top], rows[top], iou[top]
-            key = rows
-            best.index_fill_(0, flat, m).scatter_reduce_(0, flat, key, reduce="amin")
-        else:
-            key = bits | (m - 1 - rows)
-            best.index_fill_(0, flat, -1).scatter_reduce_(0, flat, key, reduce="amax")
-        win = (key == best.index_select(0, flat)).nonzero().squeeze(1)
-        flat, iou = flat.index_select(0, win), iou.index_select(0, win)  # one per anchor
-        pair_slot = slot.index_select(0, rows.index_select(0, win))
-        out = matches.view(-1)
-        free = out.index_select(0, flat) == BACKGROUND
-        if self.matching == "multi":
-            positive = free & (iou >= self.pos_iou_threshold)
-            out.index_put_((flat[positive],), pair_slot[positive])
-            free &= ~positive
-        if self.neg_iou_limit is not None:
-            ignore = free & (iou >= self.neg_iou_limit)
-            out.index_fill_(0, flat[ignore], IGNORE)
+        # 2. Multi and ignore: every pair is >= low, the lower of the thresholds in use.
+        if iou.numel() and (self.matching == "multi" or self.neg_iou_limit is not None):
+            out = matches.view(-1)
+            flat = img.index_select(0, rows) * a + anchor  # [N] into matches.view(-1)
+            if self.matching == "bipartite":
+                out.index_fill_(0, flat, IGNORE)
+            else:
+                self._multi(out, flat, rows, iou, slot, None if keys is None else bits)
+        self._bipartite(
+            matches, boxes, img, slot, best_anchor, overlaps, None if keys is None else (rows, keys)
+        )
+
+    def _threshold_key(self, dtype: torch.dtype) -> int:
+        """The smallest key (float32 bits << 32) of an IoU of ``dtype`` that is
+        ``>= pos_iou_threshold`` (the threshold rounded to ``dtype``, as a comparison
+        in ``dtype`` rounds it)."""
+        if dtype not in self._keys:
+            pos = torch.tensor(self.pos_iou_threshold, dtype=dtype).float()
+            self._keys[dtype] = int(pos.view(torch.int32)) << 32
+        return self._keys[dtype]
+
+    def _multi(
+        self,
+        out: Tensor,
+        flat: Tensor,
+        rows: Tensor,
+        iou: Tensor,
+        slot: Tensor,
+        bits: Tensor | None,
+    ) -> None:
+        """Each anchor of the pairs to its best gt (ties: the lowest slot, which is the
+        lowest packed row): the gt's slot where that IoU is ``>= pos_iou_threshold``,
+        else IGNORE (the pairs are all ``>= neg_iou_limit`` then). ``out`` is
+        ``matches.view(-1)``, still BACKGROUND at ``flat``; the pairs' ``rows`` ascend;
+        ``bits``: the IoU's float32 bits << 32 (None: float64, exact two passes)."""
+        m = slot.shape[0]
+        if bits is not None:
+            # The best key of each anchor lands in `out` itself (every key is >= 0 >
+            # BACKGROUND), and every pair of an anchor then writes the same value.
+            out.scatter_reduce_(0, flat, bits | (m - 1 - rows), reduce="amax")
+            won = out.index_select(0, flat)
+            value = slot.index_select(0, (m - 1) - (won & 0xFFFFFFFF))
+            if self.neg_iou_limit is not None:
+                value = torch.where(won >= self._threshold_key(iou.dtype), value, IGNORE)
+        else:  # highest IoU first, rows ascending among equals; then grouped by anchor
+            order = iou.sort(descending=True, stable=True).indices
+            order = order[flat[order].sort(stable=True).indices]
+            grouped = flat[order]
+            first = torch.ones_like(grouped, dtype=torch.bool)
+            first[1:] = grouped[1:] != grouped[:-1]
+            win = order[first]
+            flat, iou = flat[win], iou[win]
+            value = slot[rows[win]]
+            if self.neg_iou_limit is not None:
+                value = torch.where(iou >= self.pos_iou_threshold, value, IGNORE)
+        out.index_put_((flat,), value)
 
     def __repr__(self) -> str:
         return (
