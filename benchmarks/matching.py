@@ -103,8 +103,8 @@ def ssdlit_targets(
     """ssdlit, whole batch: ``matches [B, A]``, ``loc [P, 4]`` for the P positive
     anchors (like torchvision's foreground-only encoding) and ``cls [B, A]``
     (:func:`ssdlit.heads.positive_targets`)."""
-    matches = matcher(gt_boxes, gt_mask, anchors)  # [B, A]
-    _, _, loc, cls = positive_targets(matches, gt_boxes, gt_labels, anchors, coder)
+    matches, positives = matcher.match_positives(gt_boxes, gt_mask, anchors)  # [B, A], [P]
+    _, _, loc, cls = positive_targets(matches, gt_boxes, gt_labels, anchors, coder, positives)
     return matches, loc, cls
 
 

@@ -811,11 +811,10 @@ def test_multibox_beta_zero_is_l1_on_the_positives():
 
 @pytest.mark.parametrize("shape", [(4, 48), (3, 50), (2, 64)])
 def test_positive_search_by_blocks_equals_nonzero(shape):
-    from ssdlit.heads.losses import _positives
+    from ssdlit.anchors.matchers import positive_indices
 
     gen = torch.Generator().manual_seed(shape[1])
     matches = torch.randint(-2, 3, shape, generator=gen)
     matches[0] = -1  # an image without positives
-    got = _positives(matches, block=16)
-    expected = (matches >= 0).nonzero(as_tuple=True)
-    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
+    got = positive_indices(matches, block=16)
+    assert torch.equal(got, (matches.reshape(-1) >= 0).nonzero().squeeze(1))

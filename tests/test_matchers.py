@@ -285,6 +285,36 @@ def test_pairs_above_threshold_are_exactly_the_dense_ones(raw, threshold):
     assert torch.equal(iou, dense[rows, anchor])  # the very same numbers
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "matcher",
+    [
+        SSDMatcher("multi", 0.5, 0.3),
+        SSDMatcher("bipartite", 0.5, 0.4),
+        SSDMatcher("multi", 0.5, None),
+        SSDMatcher("bipartite", 0.5, None),
+        FasterRCNNMatcher(),
+        YOLOv3Matcher(),
+    ],
+    ids=repr,
+)
+def test_match_positives_are_the_positives_of_the_matches(matcher, dtype):
+    anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS, dtype=dtype)
+    rng = np.random.default_rng(11)
+    for trial in range(6):
+        boxes, mask = _hard_batch(rng, 5, 9, snapped=trial % 2 == 0)
+        boxes = boxes.to(dtype)
+        if trial == 5:
+            mask[:] = False  # no real gt at all
+        matches, positives = matcher.match_positives(boxes, mask, anchors)
+        assert torch.equal(matches, matcher(boxes, mask, anchors))
+        assert positives.dtype == torch.long
+        assert torch.equal(positives, (matches.reshape(-1) >= 0).nonzero().squeeze(1))
+    empty = torch.zeros(2, 0, 4, dtype=dtype), torch.zeros(2, 0, dtype=torch.bool)
+    matches, positives = matcher.match_positives(*empty, anchors)
+    assert matches.eq(BACKGROUND).all() and positives.numel() == 0
+
+
 def _sequential_greedy(iou):
     """One pair per step: the highest IoU, then the lowest gt, then the lowest anchor."""
     iou = iou.clone()

@@ -39,6 +39,7 @@ __all__ = [
     "anchor_overlaps",
     "greedy_on_candidates",
     "masked_iou",
+    "positive_indices",
     "top_anchors",
 ]
 
@@ -373,6 +374,30 @@ class Matcher(ABC):
     def match(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
         """``matches [B, A]`` for a batch with at least one (maybe padded) gt slot."""
 
+    def match_positives(
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``matches [B, A]`` (as a call gives) and ``positives [P]`` long: the flat
+        indices into ``matches.view(-1)`` of its positive entries (``>= 0``), ascending
+        (row-major). A matcher that knows its positives while matching returns them
+        without searching ``matches`` again."""
+        matches = self(gt_boxes, gt_mask, anchors)
+        return matches, positive_indices(matches)
+
+
+def positive_indices(matches: Tensor, block: int = 64) -> Tensor:
+    """The flat indices ``[P]`` of ``matches >= 0`` (any shape), ascending, for sparse
+    positives: blocks of ``block`` entries are tested first (one max per block), and
+    only the blocks that hold a positive are searched, which touches far less memory
+    than a full boolean mask."""
+    flat = matches.reshape(-1)
+    if flat.numel() % block or flat.numel() == 0:
+        return (flat >= 0).nonzero().squeeze(1)
+    blocks = flat.view(-1, block)
+    hit = (blocks.amax(dim=1) >= 0).nonzero().squeeze(1)  # blocks with a positive
+    row, col = (blocks.index_select(0, hit) >= 0).nonzero(as_tuple=True)
+    return hit.index_select(0, row) * block + col
+
 
 def greedy_bipartite(iou: Tensor) -> Tensor:
     """ssd_keras's ``match_bipartite_greedy`` for a whole batch.
@@ -527,20 +552,37 @@ class SSDMatcher(Matcher):
         return low if low >= 0.05 else None
 
     def match(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
+        return self._run(gt_boxes, gt_mask, anchors)[0]
+
+    def match_positives(
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        _check(gt_boxes, gt_mask, anchors)
+        if gt_boxes.shape[1] == 0:
+            return super().match_positives(gt_boxes, gt_mask, anchors)
+        dev = gt_boxes.device
+        matches, positives = self._run(gt_boxes, gt_mask.to(dev), anchors.to(dev), True)
+        return matches, positive_indices(matches) if positives is None else positives
+
+    def _run(
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``matches [B, A]``, and with ``positives`` the flat indices of its positives
+        when the sparse path found them while matching (None otherwise)."""
         b, a = gt_mask.shape[0], anchors.shape[0]
         matches = torch.full((b, a), BACKGROUND, dtype=torch.long, device=gt_boxes.device)
         # Only the real gts, packed: rows grouped by image, in slot order.
         img, slot = gt_mask.nonzero(as_tuple=True)  # [M] each
         if img.shape[0] == 0:
-            return matches
+            return matches, None
         overlaps = anchor_overlaps(anchors.to(gt_boxes.dtype))
         boxes = gt_boxes[img, slot]  # [M, 4]
         low = self._low_threshold()
         if overlaps.sparse and low is not None:
-            self._match_sparse(matches, boxes, img, slot, overlaps, low)
-        else:
-            self._match_dense(matches, boxes, img, slot, overlaps)
-        return matches
+            found = self._match_sparse(matches, boxes, img, slot, overlaps, low, positives)
+            return matches, torch.unique(torch.cat(found)) if positives else None
+        self._match_dense(matches, boxes, img, slot, overlaps)
+        return matches, None
 
     def _bipartite(
         self,
@@ -551,14 +593,15 @@ class SSDMatcher(Matcher):
         best_anchor: Tensor,
         overlaps: AnchorOverlaps,
         pairs: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
+    ) -> list[Tensor]:
         """Greedy bipartite into ``matches [B, A]`` (overwriting what is there), given
         each packed gt's first best anchor ``best_anchor [M]``: directly where an
         image's gts have distinct best anchors; for the other images the sequential
         procedure runs on each gt's k best anchors (k = the most gts of such an image).
         ``pairs``: ``rows [N]`` (ascending) and ``keys [N]`` (IoU float32 bits << 32 |
         A - 1 - anchor) of the pairs above a threshold, where a gt with at least k of
-        them finds its k best; the other gts get a dense row."""
+        them finds its k best; the other gts get a dense row. Returns the flat indices
+        of the matched anchors (every gt's one anchor)."""
         b, a = matches.shape
         dev = matches.device
         out = matches.view(-1)
@@ -567,12 +610,13 @@ class SSDMatcher(Matcher):
         same = ordered[1:] == ordered[:-1]  # two gts of one image share a best anchor
         if not bool(same.any()):
             out.index_put_((flat,), slot)
-            return
+            return [flat]
         clash = torch.zeros(b, dtype=torch.bool, device=dev)
         clash.index_fill_(0, ordered[1:][same] // a, True)  # [B] images with a clash
         hard_gt = clash.index_select(0, img)  # [M]
         easy = (~hard_gt).nonzero().squeeze(1)
-        out.index_put_((flat.index_select(0, easy),), slot.index_select(0, easy))
+        flat = flat.index_select(0, easy)
+        out.index_put_((flat,), slot.index_select(0, easy))
         hard = hard_gt.nonzero().squeeze(1)  # [S] the gts of the clashing images
         hard_img, hard_slot = img.index_select(0, hard), slot.index_select(0, hard)
         g = int(hard_slot.max()) + 1
@@ -614,7 +658,9 @@ class SSDMatcher(Matcher):
         image, anchor, gt = greedy_picks(
             layout_anchor.view(-1, g, k), layout_iou.view(-1, g, k), steps=k
         )
-        out.index_put_((images.index_select(0, image) * a + anchor,), gt)
+        picked = images.index_select(0, image) * a + anchor
+        out.index_put_((picked,), gt)
+        return [flat, picked]
 
     def _match_dense(
         self, matches: Tensor, boxes: Tensor, img: Tensor, slot: Tensor, overlaps: AnchorOverlaps
@@ -652,14 +698,17 @@ class SSDMatcher(Matcher):
         slot: Tensor,
         overlaps: AnchorOverlaps,
         low: float,
-    ) -> None:
+        positives: bool = False,
+    ) -> list[Tensor]:
         """The same result from the (gt, anchor) pairs with IoU ``>= low`` only.
 
         Every decision after the bipartite step compares an IoU with a threshold
         ``>= low``, and a gt's best anchor is among its pairs whenever it has any; the
         few gts without one (best IoU below ``low``) get a dense row. The multi and
         ignore decisions are written first; the bipartite matches then overwrite theirs
-        (a bipartite anchor keeps its gt whatever else reaches it).
+        (a bipartite anchor keeps its gt whatever else reaches it). Returns flat
+        indices that, deduplicated, are the positives of ``matches`` (with
+        ``positives``; else only the bipartite ones).
         """
         a = matches.shape[1]
         m, dev = img.shape[0], matches.device
@@ -681,16 +730,20 @@ class SSDMatcher(Matcher):
         if lonely.numel():
             best_anchor[lonely] = overlaps(boxes[lonely][None])[0].argmax(dim=1)
         # 2. Multi and ignore: every pair is >= low, the lower of the thresholds in use.
+        found = []
         if iou.numel() and (self.matching == "multi" or self.neg_iou_limit is not None):
             out = matches.view(-1)
             flat = img.index_select(0, rows) * a + anchor  # [N] into matches.view(-1)
             if self.matching == "bipartite":
                 out.index_fill_(0, flat, IGNORE)
             else:
-                self._multi(out, flat, rows, iou, slot, None if keys is None else bits)
-        self._bipartite(
-            matches, boxes, img, slot, best_anchor, overlaps, None if keys is None else (rows, keys)
-        )
+                flat, value = self._multi(
+                    out, flat, rows, iou, slot, None if keys is None else bits
+                )
+                if positives:  # (the bipartite step only turns anchors positive)
+                    found.append(flat.index_select(0, (value >= 0).nonzero().squeeze(1)))
+        pairs = None if keys is None else (rows, keys)
+        return found + self._bipartite(matches, boxes, img, slot, best_anchor, overlaps, pairs)
 
     def _threshold_key(self, dtype: torch.dtype) -> int:
         """The smallest key (float32 bits << 32) of an IoU of ``dtype`` that is
@@ -709,12 +762,14 @@ class SSDMatcher(Matcher):
         iou: Tensor,
         slot: Tensor,
         bits: Tensor | None,
-    ) -> None:
+    ) -> tuple[Tensor, Tensor]:
         """Each anchor of the pairs to its best gt (ties: the lowest slot, which is the
         lowest packed row): the gt's slot where that IoU is ``>= pos_iou_threshold``,
         else IGNORE (the pairs are all ``>= neg_iou_limit`` then). ``out`` is
         ``matches.view(-1)``, still BACKGROUND at ``flat``; the pairs' ``rows`` ascend;
-        ``bits``: the IoU's float32 bits << 32 (None: float64, exact two passes)."""
+        ``bits``: the IoU's float32 bits << 32 (None: float64, exact two passes).
+        Returns the flat indices written and their values (an anchor may repeat, with
+        the same value)."""
         m = slot.shape[0]
         if bits is not None:
             # The best key of each anchor lands in `out` itself (every key is >= 0 >
@@ -736,6 +791,7 @@ class SSDMatcher(Matcher):
             if self.neg_iou_limit is not None:
                 value = torch.where(iou >= self.pos_iou_threshold, value, IGNORE)
         out.index_put_((flat,), value)
+        return flat, value
 
     def __repr__(self) -> str:
         return (

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssdlit.anchors.matchers import BACKGROUND
+from ssdlit.anchors.matchers import BACKGROUND, positive_indices
 from ssdlit.boxes import BoxCoder, convert
 
 __all__ = [
@@ -68,23 +68,13 @@ def encode_targets(
     return coder.encode(gt, anchors)
 
 
-def _positives(matches: Tensor, block: int = 64) -> tuple[Tensor, Tensor]:
-    """``(matches >= 0).nonzero(as_tuple=True)`` for sparse positives: blocks of ``block``
-    anchors are tested first (one max per block), and only the blocks that hold a
-    positive are searched, which touches far less memory than a full boolean mask."""
-    a = matches.shape[1]
-    flat = matches.reshape(-1)
-    if flat.numel() % block:
-        return (matches >= 0).nonzero(as_tuple=True)
-    blocks = flat.view(-1, block)
-    hit = (blocks.amax(dim=1) >= 0).nonzero().squeeze(1)  # blocks with a positive
-    row, col = (blocks.index_select(0, hit) >= 0).nonzero(as_tuple=True)
-    index = hit.index_select(0, row) * block + col  # row-major, as nonzero() orders
-    return index // a, index % a
-
-
 def positive_targets(
-    matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor, anchors: Tensor, coder: BoxCoder
+    matches: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    anchors: Tensor,
+    coder: BoxCoder,
+    positives: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training targets touching only the positive anchors (the sparse counterpart of
     :func:`gather_targets` + :func:`encode_targets`; it needs ``nonzero``, so it runs
@@ -96,18 +86,23 @@ def positive_targets(
         gt_labels: ``[B, G]`` int64 in 1..C.
         anchors: ``[A, 4]`` cxcywh normalised.
         coder: encodes each positive's gt against its anchor.
+        positives: ``[P]`` long, the flat indices of ``matches >= 0`` ascending, when
+            already known (:meth:`ssdlit.anchors.Matcher.match_positives`); else searched.
     Returns:
         ``image [P]`` and ``anchor [P]`` (long) of the P positives in row-major
         order, their regression targets ``[P, 4]`` (``coder.encode``, the dtype of
         ``gt_boxes``) and ``labels [B, A]`` int64: the matched gt's label for
         positives, 0 for every other anchor (ignored ones included).
     """
-    image, anchor = _positives(matches)  # [P] each
-    gt = matches[image, anchor]
-    matched = convert(gt_boxes[image, gt], "xyxy", "cxcywh")  # [P, 4]
+    b, a = matches.shape
+    if positives is None:
+        positives = positive_indices(matches)  # [P]
+    image, anchor = positives // a, positives % a
+    gt = image * gt_boxes.shape[1] + matches.reshape(-1).index_select(0, positives)
+    matched = convert(gt_boxes.reshape(-1, 4).index_select(0, gt), "xyxy", "cxcywh")  # [P, 4]
     loc = coder.encode(matched, anchors.to(matched.dtype).index_select(0, anchor))
-    labels = torch.zeros(matches.shape, dtype=torch.long, device=matches.device)
-    labels[image, anchor] = gt_labels[image, gt].long()
+    labels = torch.zeros((b, a), dtype=torch.long, device=matches.device)
+    labels.view(-1).index_put_((positives,), gt_labels.reshape(-1).index_select(0, gt).long())
     return image, anchor, loc, labels
 
 
