@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -468,50 +469,55 @@ def greedy_picks(
     cand_anchor: Tensor, cand_iou: Tensor, steps: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`greedy_on_candidates` as the matched pairs: ``image``, ``anchor`` and
-    ``gt`` ``[P]`` long each (the arguments are the same)."""
+    ``gt`` ``[P]`` long each (the arguments are the same).
+
+    The candidates are a few hundred numbers, so the rounds run on the host in NumPy
+    (a torch operation on tensors this small costs several times more in overhead
+    than in work); the pairs come back on the candidates' device.
+    """
     b, g, k = cand_anchor.shape
     n = g * k
     dev = cand_iou.device
-    iou = cand_iou.reshape(b, n)
-    anchor = cand_anchor.reshape(b, n)
-    pos = torch.arange(n, device=dev)
-    gt = pos // k  # [n] the gt of each flattened candidate
+    iou = cand_iou.detach().reshape(b, n).cpu()
+    iou = (iou if iou.dtype in (torch.float32, torch.float64) else iou.float()).numpy()
+    anchor = cand_anchor.reshape(b, n).cpu().numpy()
+    gt = np.arange(n) // k  # [n] the gt of each flattened candidate
+    alive = iou >= 0  # [B, n]
+    picked = np.zeros((b, n), dtype=bool)
     rounds = g if steps is None else min(steps, g)  # each round matches >= 1 gt
     if n > 1024:  # the pairwise tables would be large: one pair per step
-        alive = iou >= 0  # [B, n]
-        picked = torch.zeros((b, n), dtype=torch.bool, device=dev)
+        image = np.arange(b)
         for _ in range(rounds):
-            best, flat = iou.masked_fill(~alive, -1.0).max(dim=1)  # first maximum
-            take = torch.zeros_like(alive)
-            take[torch.arange(b, device=dev), flat] = best >= 0
-            gone = (anchor == anchor.gather(1, flat[:, None])) | (gt == gt[flat][:, None])
-            gone &= (best >= 0)[:, None]
-            picked |= take
-            alive &= ~gone
-            if not bool(alive.any()):
+            flat = np.where(alive, iou, -1.0).argmax(axis=1)  # the first maximum
+            live = alive[image, flat]  # images with a pair left
+            picked[image, flat] |= live
+            alive &= (
+                ~((anchor == anchor[image, flat][:, None]) | (gt == gt[flat][:, None]))
+                | ~live[:, None]
+            )
+            if not alive.any():
                 break
     else:
         # The greedy order as a rank (IoU descending, then flattened position: gt,
         # then the gt's list); conflict[p, q]: p and q share a gt or an anchor;
-        # blocks[p, q]: they conflict and q comes first. 0/1 floats: a matrix product
-        # counts, for every pair at once, the live pairs that block it.
-        order = iou.sort(dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, pos.expand(b, n))
+        # blocks[p, q]: they conflict and q comes first.
+        order = np.argsort(-iou, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        rank[np.arange(b)[:, None], order] = np.arange(n)
         conflict = (gt[:, None] == gt[None, :]) | (anchor[:, :, None] == anchor[:, None, :])
-        blocks = (conflict & (rank[:, None, :] < rank[:, :, None])).float()  # [B, n, n]
-        conflict = conflict.float()
-        live = (iou >= 0).float()[:, :, None]  # [B, n, 1]
-        taken = torch.zeros_like(live)
+        blocks = conflict & (rank[:, None, :] < rank[:, :, None])  # [B, n, n]
         for _ in range(rounds):
-            # dominant: live, and no live pair that comes first shares its gt or anchor
-            take = live * (torch.bmm(blocks, live) == 0)
-            live = live * (torch.bmm(conflict, take) == 0)  # gone: shares with a taken pair
-            taken += take
-            if not bool(live.any()):
+            # dominant: alive, and no alive pair that comes first shares its gt or anchor
+            take = alive & ~(blocks & alive[:, None, :]).any(axis=2)
+            alive &= ~(conflict & take[:, :, None]).any(axis=1)  # shares with a taken pair
+            picked |= take
+            if not alive.any():
                 break
-        picked = taken[:, :, 0] > 0
-    image, p = picked.nonzero(as_tuple=True)
-    return image, anchor[image, p], gt[p]
+    image, p = np.nonzero(picked)
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(dev)
+        for x in (image, anchor[image, p], gt[p])
+    )
 
 
 @MATCHERS.register("ssd")
