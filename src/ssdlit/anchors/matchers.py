@@ -264,7 +264,7 @@ class AnchorOverlaps:
         x1, y1, x2, y2, gt_area = (c.index_select(0, cell_pair) for c in gt)
         q = torch.arange(cell_pair.shape[0], dtype=torch.int32, device=pairs.device) - c0
         row = torch.div(q, w, rounding_mode="floor")
-        col = torch.remainder(q, w)  # (row, col) within the pair's rectangle
+        col = q - row * w  # (row, col) within the pair's rectangle
         xi, yi = x0 + col, y0 + row
         iw = (
             torch.minimum(x2, t["x2"].index_select(0, xi))
@@ -472,15 +472,24 @@ def greedy_picks(
     ``gt`` ``[P]`` long each (the arguments are the same).
 
     The candidates are a few hundred numbers, so the rounds run on the host in NumPy
-    (a torch operation on tensors this small costs several times more in overhead
-    than in work); the pairs come back on the candidates' device.
+    (:func:`_greedy_rounds`: a torch operation on tensors this small costs several
+    times more in overhead than in work); the pairs come back on the candidates' device.
     """
+    iou = cand_iou.detach().cpu()
+    iou = iou if iou.dtype in (torch.float32, torch.float64) else iou.float()
+    picks = _greedy_rounds(cand_anchor.cpu().numpy(), iou.numpy(), steps)
+    return tuple(torch.from_numpy(x).to(cand_iou.device) for x in picks)
+
+
+def _greedy_rounds(
+    cand_anchor: np.ndarray, cand_iou: np.ndarray, steps: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`greedy_picks` on host arrays ``[B, G, k]``: ``image``, ``anchor``, ``gt``
+    (int64 ``[P]`` each)."""
     b, g, k = cand_anchor.shape
     n = g * k
-    dev = cand_iou.device
-    iou = cand_iou.detach().reshape(b, n).cpu()
-    iou = (iou if iou.dtype in (torch.float32, torch.float64) else iou.float()).numpy()
-    anchor = cand_anchor.reshape(b, n).cpu().numpy()
+    iou = cand_iou.reshape(b, n)
+    anchor = cand_anchor.reshape(b, n)
     gt = np.arange(n) // k  # [n] the gt of each flattened candidate
     alive = iou >= 0  # [B, n]
     picked = np.zeros((b, n), dtype=bool)
@@ -514,10 +523,7 @@ def greedy_picks(
             if not alive.any():
                 break
     image, p = np.nonzero(picked)
-    return tuple(
-        torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(dev)
-        for x in (image, anchor[image, p], gt[p])
-    )
+    return tuple(np.ascontiguousarray(x, dtype=np.int64) for x in (image, anchor[image, p], gt[p]))
 
 
 @MATCHERS.register("ssd")
@@ -607,65 +613,68 @@ class SSDMatcher(Matcher):
         ``pairs``: ``rows [N]`` (ascending) and ``keys [N]`` (IoU float32 bits << 32 |
         A - 1 - anchor) of the pairs above a threshold, where a gt with at least k of
         them finds its k best; the other gts get a dense row. Returns the flat indices
-        of the matched anchors (every gt's one anchor)."""
+        of the matched anchors (every gt's one anchor).
+
+        The bookkeeping is on M numbers (one per gt), so it runs on the host in NumPy.
+        """
         b, a = matches.shape
         dev = matches.device
         out = matches.view(-1)
         flat = img * a + best_anchor  # [M]
-        ordered = flat.sort().values
+        flat_h, slot_h = flat.cpu().numpy(), slot.cpu().numpy()
+        ordered = np.sort(flat_h)
         same = ordered[1:] == ordered[:-1]  # two gts of one image share a best anchor
-        if not bool(same.any()):
+        if not same.any():
             out.index_put_((flat,), slot)
             return [flat]
-        clash = torch.zeros(b, dtype=torch.bool, device=dev)
-        clash.index_fill_(0, ordered[1:][same] // a, True)  # [B] images with a clash
-        hard_gt = clash.index_select(0, img)  # [M]
-        easy = (~hard_gt).nonzero().squeeze(1)
-        flat = flat.index_select(0, easy)
-        out.index_put_((flat,), slot.index_select(0, easy))
-        hard = hard_gt.nonzero().squeeze(1)  # [S] the gts of the clashing images
-        hard_img, hard_slot = img.index_select(0, hard), slot.index_select(0, hard)
+        clash = np.zeros(b, dtype=bool)
+        clash[ordered[1:][same] // a] = True  # [B] images with a clash
+        img_h = flat_h // a
+        hard_gt = clash[img_h]  # [M]
+        easy = np.flatnonzero(~hard_gt)
+        flat = torch.from_numpy(flat_h[easy]).to(dev)
+        out.index_put_((flat,), torch.from_numpy(slot_h[easy]).to(dev))
+        hard = np.flatnonzero(hard_gt)  # [S] the gts of the clashing images
+        hard_img, hard_slot = img_h[hard], slot_h[hard]
         g = int(hard_slot.max()) + 1
-        k = min(int(torch.bincount(hard_img).max()), a)
-        cand_anchor = torch.zeros((hard.shape[0], k), dtype=torch.long, device=dev)
-        cand_iou = boxes.new_full((hard.shape[0], k), -1.0)
-        dense = torch.ones(hard.shape[0], dtype=torch.bool, device=dev)
+        k = min(int(np.bincount(hard_img).max()), a)
+        cand_anchor = np.zeros((hard.shape[0], k), dtype=np.int64)
+        cand_iou = np.full((hard.shape[0], k), -1.0)  # float64 holds every IoU dtype exactly
+        dense = np.ones(hard.shape[0], dtype=bool)
         if pairs is not None:
             rows, keys = pairs
-            use = hard_gt.index_select(0, rows).nonzero().squeeze(1)
-            rows, keys = rows.index_select(0, use), keys.index_select(0, use)
-            counts = torch.bincount(rows, minlength=img.shape[0])  # [M] pairs per gt
-            most = int(counts.max()) if rows.numel() else 0
+            use = torch.from_numpy(hard_gt).to(dev).index_select(0, rows).nonzero().squeeze(1)
+            rows, keys = rows.index_select(0, use).cpu().numpy(), keys.index_select(0, use)
+            counts = np.bincount(rows, minlength=hard_gt.shape[0])  # [M] pairs per gt
+            most = int(counts.max()) if rows.size else 0
             if most >= k:
                 # each gt's pairs in a row of a [S, most] table, then its k largest keys
-                at = torch.cumsum(hard_gt, 0) - 1  # packed gt -> position among the S
-                cell = at.index_select(0, rows) * most + (
-                    torch.arange(rows.shape[0], device=dev)
-                    - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
-                )
-                table = torch.full((hard.shape[0] * most,), -1, dtype=torch.long, device=dev)
-                top = table.index_put_((cell,), keys).view(-1, most).topk(k, dim=1).values
+                start = np.cumsum(counts) - counts
+                cell = (np.cumsum(hard_gt) - 1)[rows] * most + (np.arange(rows.size) - start[rows])
+                table = np.full(hard.shape[0] * most, -1, dtype=np.int64)
+                table[cell] = keys.cpu().numpy()
+                top = -np.sort(-table.reshape(-1, most), axis=1)[:, :k]  # descending
                 cand_anchor = (a - 1) - (top & 0xFFFFFFFF)
-                cand_iou = (top >> 32).int().view(torch.float32).to(boxes.dtype)
-                dense = counts.index_select(0, hard) < k
-        lack = dense.nonzero().squeeze(1)
-        if lack.numel():
-            rows = overlaps(boxes.index_select(0, hard.index_select(0, lack))[None])[0]
-            d_anchor, d_iou = top_anchors(rows, k)  # [F, k]
-            cand_anchor = cand_anchor.index_copy_(0, lack, d_anchor)
-            cand_iou = cand_iou.index_copy_(0, lack, d_iou)
-        # the [R, g, k] layout of greedy_picks: clashing image, then gt slot
-        images = clash.nonzero().squeeze(1)  # [R]
-        position = (torch.cumsum(clash, 0) - 1).index_select(0, hard_img) * g + hard_slot
-        layout_anchor = cand_anchor.new_zeros((images.shape[0] * g, k))
-        layout_iou = cand_iou.new_full((images.shape[0] * g, k), -1.0)
-        layout_anchor.index_copy_(0, position, cand_anchor)
-        layout_iou.index_copy_(0, position, cand_iou)
-        image, anchor, gt = greedy_picks(
-            layout_anchor.view(-1, g, k), layout_iou.view(-1, g, k), steps=k
+                cand_iou = (top >> 32).astype(np.int32).view(np.float32).astype(np.float64)
+                dense = counts[hard] < k
+        lack = np.flatnonzero(dense)
+        if lack.size:
+            rows = boxes.index_select(0, torch.from_numpy(hard[lack]).to(dev))
+            d_anchor, d_iou = top_anchors(overlaps(rows[None])[0], k)  # [F, k]
+            cand_anchor[lack] = d_anchor.cpu().numpy()
+            cand_iou[lack] = d_iou.double().cpu().numpy()
+        # the [R, g, k] layout of the greedy rounds: clashing image, then gt slot
+        images = np.flatnonzero(clash)  # [R]
+        position = (np.cumsum(clash) - 1)[hard_img] * g + hard_slot
+        layout_anchor = np.zeros((images.size * g, k), dtype=np.int64)
+        layout_iou = np.full((images.size * g, k), -1.0)
+        layout_anchor[position] = cand_anchor
+        layout_iou[position] = cand_iou
+        image, anchor, gt = _greedy_rounds(
+            layout_anchor.reshape(-1, g, k), layout_iou.reshape(-1, g, k), steps=k
         )
-        picked = images.index_select(0, image) * a + anchor
-        out.index_put_((picked,), gt)
+        picked = torch.from_numpy(images[image] * a + anchor).to(dev)
+        out.index_put_((picked,), torch.from_numpy(gt).to(dev))
         return [flat, picked]
 
     def _match_dense(
