@@ -16,6 +16,11 @@ form product grids (every generator's unclipped output): a gt can only reach the
 matching thresholds on a rectangle of cells of each anchor level and size, so only
 those pairs are computed (:meth:`AnchorOverlaps.above`), with results identical to
 the dense computation (tested against it and against a loop restatement of ssd_keras).
+Its bipartite bookkeeping works on one number per gt and on the candidates of the
+few images where gts compete for an anchor: those steps run on the host in NumPy,
+where an operation on a hundred numbers costs a microsecond instead of several.
+:meth:`Matcher.match_positives` also returns the flat indices of the positives,
+which the SSD matcher knows while matching (no second pass over ``matches``).
 """
 
 from __future__ import annotations
@@ -118,13 +123,15 @@ class AnchorOverlaps:
         self._tables = self._interval_tables() if self.parts else None
 
     def _interval_tables(self) -> dict[str, Tensor]:
-        """Per anchor group g (level, box k), what :meth:`above` needs, x then y in the
-        last dimension: the intervals of the group's columns and rows concatenated
-        over groups (``x [Cx, 2]``, ``y [Cy, 2]``, the group's first at ``off [K, 2]``),
-        its anchors' largest ``size [K, 2]`` and smallest area ``amin [K]``, the first
-        centre and the spacing of the centres (``first``, ``step [K, 2]``), the number
-        of columns and rows ``cells [K, 2]``, and the anchor index of cell (row r,
-        column c): ``base + r * row_step + c * n``."""
+        """Per anchor group g (level, box k), what :meth:`above` needs: the x and y
+        intervals of the groups' columns and rows concatenated over groups (``x1``,
+        ``x2`` ``[Cx]``, ``y1``, ``y2`` ``[Cy]``), each group's largest anchor
+        ``size [K, 2]`` and smallest area ``amin [K]``, the affine map from the
+        intersection ends to cell indices (``shift``, ``scale``, ``eps``, clamped to
+        ``low``/``high``, all ``[K, 4]``: -first column, -first row, last column, last
+        row) and ``group [K, 5]``: the anchor index of cell (row r, column c) is
+        ``base + r * row_step + c * n``, then the group's first column and row in the
+        interval tables."""
         xs, ys = [], []
         rows: list[tuple] = []
         x_off = y_off = 0
