@@ -666,8 +666,8 @@ class SSDMatcher(Matcher):
                 dense = counts[hard] < k
         lack = np.flatnonzero(dense)
         if lack.size:
-            rows = boxes.index_select(0, torch.from_numpy(hard[lack]).to(dev))
-            d_anchor, d_iou = top_anchors(overlaps(rows[None])[0], k)  # [F, k]
+            few = boxes.index_select(0, torch.from_numpy(hard[lack]).to(dev))  # [F, 4]
+            d_anchor, d_iou = top_anchors(overlaps(few[None])[0], k)  # [F, k]
             cand_anchor[lack] = d_anchor.cpu().numpy()
             cand_iou[lack] = d_iou.double().cpu().numpy()
         # the [R, g, k] layout of the greedy rounds: clashing image, then gt slot
