@@ -4,7 +4,8 @@ What is measured, per batch of ``--batch`` images (default 32) against the 8732
 SSD300 anchors, each image holding 1 to 8 random (seeded) ground-truth boxes:
 
 - **ssdlit**: ``SSDMatcher(matching="multi", pos_iou_threshold=0.5, neg_iou_limit=0.3)``
-  on the padded batch ``[B, G, 4]`` at once, then ``ssdlit.heads.positive_targets``:
+  on the padded batch ``[B, G, 4]`` at once (``match_positives``: ``matches [B, A]`` and
+  the flat indices of its positives), then ``ssdlit.heads.positive_targets``:
   ``BoxCoder((0.1, 0.1, 0.2, 0.2))`` encoding of the
   positive anchors' regression targets ``[P, 4]`` (torchvision also encodes only its
   foreground anchors) and class targets ``[B, 8732]``; no Python loop over images.
