@@ -107,7 +107,6 @@ class AnchorOverlaps:
 
     def __init__(self, anchors_cxcywh: Tensor) -> None:
         xyxy = convert(anchors_cxcywh, "cxcywh", "xyxy")
-        self.xyxy = xyxy
         self.columns = tuple(c.contiguous() for c in xyxy.t())  # x1, y1, x2, y2: [A] each
         self.area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])  # [A]
         self.levels = _grid_levels(anchors_cxcywh)
@@ -371,12 +370,7 @@ class Matcher(ABC):
     """Base class: call with ``(gt_boxes, gt_mask, anchors)``, get ``matches [B, A]``."""
 
     def __call__(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
-        _check(gt_boxes, gt_mask, anchors)
-        if gt_boxes.shape[1] == 0:  # nothing to match: every anchor is background
-            return gt_boxes.new_full(
-                (gt_boxes.shape[0], anchors.shape[0]), BACKGROUND, dtype=torch.long
-            )
-        return self.match(gt_boxes, gt_mask.to(gt_boxes.device), anchors.to(gt_boxes.device))
+        return self._checked(gt_boxes, gt_mask, anchors, positives=False)[0]
 
     @abstractmethod
     def match(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
@@ -389,8 +383,29 @@ class Matcher(ABC):
         indices into ``matches.view(-1)`` of its positive entries (``>= 0``), ascending
         (row-major). A matcher that knows its positives while matching returns them
         without searching ``matches`` again."""
-        matches = self(gt_boxes, gt_mask, anchors)
-        return matches, positive_indices(matches)
+        matches, positives = self._checked(gt_boxes, gt_mask, anchors, positives=True)
+        return matches, positive_indices(matches) if positives is None else positives
+
+    def _checked(
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Checks the inputs, answers an empty batch, moves mask and anchors to the
+        boxes' device, then :meth:`_match`."""
+        _check(gt_boxes, gt_mask, anchors)
+        if gt_boxes.shape[1] == 0:  # nothing to match: every anchor is background
+            empty = gt_boxes.new_full(
+                (gt_boxes.shape[0], anchors.shape[0]), BACKGROUND, dtype=torch.long
+            )
+            return empty, None
+        dev = gt_boxes.device
+        return self._match(gt_boxes, gt_mask.to(dev), anchors.to(dev), positives)
+
+    def _match(
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``matches`` and, where the matcher finds them while matching (and
+        ``positives`` asks for them), the flat indices of its positives; else None."""
+        return self.match(gt_boxes, gt_mask, anchors), None
 
 
 def positive_indices(matches: Tensor, block: int = 64) -> Tensor:
@@ -571,20 +586,10 @@ class SSDMatcher(Matcher):
         return low if low >= 0.05 else None
 
     def match(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
-        return self._run(gt_boxes, gt_mask, anchors)[0]
+        return self._match(gt_boxes, gt_mask, anchors, positives=False)[0]
 
-    def match_positives(
-        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        _check(gt_boxes, gt_mask, anchors)
-        if gt_boxes.shape[1] == 0:
-            return super().match_positives(gt_boxes, gt_mask, anchors)
-        dev = gt_boxes.device
-        matches, positives = self._run(gt_boxes, gt_mask.to(dev), anchors.to(dev), True)
-        return matches, positive_indices(matches) if positives is None else positives
-
-    def _run(
-        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool = False
+    def _match(
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool
     ) -> tuple[Tensor, Tensor | None]:
         """``matches [B, A]``, and with ``positives`` the flat indices of its positives
         when the sparse path found them while matching (None otherwise)."""
@@ -735,7 +740,7 @@ class SSDMatcher(Matcher):
         a = matches.shape[1]
         m, dev = img.shape[0], matches.device
         rows, anchor, iou = overlaps.above(boxes, low)  # [N] each, rows ascending
-        keys = None
+        bits = keys = None  # the float32 keys (float64 orders exactly without them)
         # 1. Each gt's first best anchor.
         if iou.dtype == torch.float64:  # two passes: the best IoU, then the lowest anchor
             best = iou.new_full((m,), -1.0).scatter_reduce_(0, rows, iou, reduce="amax")
@@ -759,9 +764,7 @@ class SSDMatcher(Matcher):
             if self.matching == "bipartite":
                 out.index_fill_(0, flat, IGNORE)
             else:
-                flat, value = self._multi(
-                    out, flat, rows, iou, slot, None if keys is None else bits
-                )
+                flat, value = self._multi(out, flat, rows, iou, slot, bits)
                 if positives:  # (the bipartite step only turns anchors positive)
                     found.append(flat.index_select(0, (value >= 0).nonzero().squeeze(1)))
         pairs = None if keys is None else (rows, keys)
