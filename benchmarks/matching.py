@@ -49,6 +49,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou as tv_box_iou
 
 from ssdlit.anchors import SSDAnchorGenerator, SSDMatcher
+from ssdlit.anchors.matchers import AnchorOverlaps
 from ssdlit.boxes import BoxCoder, convert
 from ssdlit.heads import positive_targets
 
@@ -100,11 +101,13 @@ def ssdlit_targets(
     gt_mask: Tensor,
     gt_labels: Tensor,
     anchors: Tensor,
+    tables: AnchorOverlaps,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ssdlit, whole batch: ``matches [B, A]``, ``loc [P, 4]`` for the P positive
     anchors (like torchvision's foreground-only encoding) and ``cls [B, A]``
-    (:func:`ssdlit.heads.positive_targets`)."""
-    matches, positives = matcher.match_positives(gt_boxes, gt_mask, anchors)  # [B, A], [P]
+    (:func:`ssdlit.heads.positive_targets`). ``tables``: the anchors' overlap tables,
+    built once with the anchors as a :class:`~ssdlit.Detector` builds them."""
+    matches, positives = matcher.match_positives(gt_boxes, gt_mask, tables)  # [B, A], [P]
     _, _, loc, cls = positive_targets(matches, gt_boxes, gt_labels, anchors, coder, positives)
     return matches, loc, cls
 
@@ -217,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
 
     anchors = SSDAnchorGenerator.ssd300()(FEATURE_SIZES, device=device)  # [A, 4] cxcywh
     num_anchors = int(anchors.shape[0])
+    tables = AnchorOverlaps(anchors)  # built once with the anchors (as a Detector does)
     boxes_cpu, labels_cpu = make_batch(args.batch, args.seed)
     gt_boxes, gt_mask, gt_labels = (t.to(device) for t in pad_batch(boxes_cpu, labels_cpu))
     boxes = [b.to(device) for b in boxes_cpu]
@@ -231,13 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
     def ours() -> object:
-        return ssdlit_targets(matcher, coder, gt_boxes, gt_mask, gt_labels, anchors)
+        return ssdlit_targets(matcher, coder, gt_boxes, gt_mask, gt_labels, anchors, tables)
 
     def peer() -> object:
         return torchvision_targets(proposal_matcher, box_coder, boxes, labels, anchors_per_image)
 
     # -- sanity (printed, never asserted: the two matching rules differ) --
-    matches, loc_pos, cls = ssdlit_targets(matcher, coder, gt_boxes, gt_mask, gt_labels, anchors)
+    matches, loc_pos, cls = ssdlit_targets(
+        matcher, coder, gt_boxes, gt_mask, gt_labels, anchors, tables
+    )
     loc = torch.zeros(args.batch, num_anchors, 4, device=device)
     loc[matches >= 0] = loc_pos  # nonzero() order is row-major, as in ssdlit_targets
     tv_matched, tv_fg, tv_loc, tv_cls = torchvision_targets(

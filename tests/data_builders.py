@@ -152,12 +152,34 @@ def write_coco(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def truncated_jpeg(path: Path, size: int = 64) -> Path:
-    """A JPEG whose second half is cut off (header intact, data truncated)."""
+def truncated_jpeg(path: Path, size: int = 64, cut: int = 20) -> tuple[Path, np.ndarray]:
+    """A JPEG missing its last ``cut`` bytes (header intact, the tail of the data gone), as
+    web-scraped files often are. Returns the path and the intact file's decoded pixels
+    (uint8 ``[size, size, 3]``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=95)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as im:
+        intact = np.asarray(im.convert("RGB")).copy()
+    path.write_bytes(data[: len(data) - cut])
+    return path, intact
+
+
+def corrupt_jpeg(path: Path, width: int = 32, height: int = 24) -> Path:
+    """A JPEG whose header reads (size known) but whose data cannot be decoded, truncated-file
+    tolerance or not: its scan refers to colour components the frame does not have, and
+    garbage follows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), (120, 60, 30)).save(path, quality=95)
+    data = bytearray(path.read_bytes())
+    sos = data.index(b"\xff\xda")  # start of scan: 2-byte length, count, (id, tables) each
+    for k in range(data[sos + 4]):
+        data[sos + 5 + 2 * k] = 200 + k  # component ids the frame header never declared
+    garbage = np.random.default_rng(1).integers(0, 256, 600, dtype=np.uint8).tobytes()
+    path.write_bytes(
+        bytes(data[: sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")]) + garbage
+    )
     return path
 
 

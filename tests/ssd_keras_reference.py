@@ -152,10 +152,15 @@ def decode_detections(scores, boxes, conf=0.01, iou=0.45, top_k=200, max_per_cla
 
 
 def decode_detections_fast(scores, boxes, conf=0.01, iou=0.45, top_k=200):
-    """One image, ssd_keras's fast variant: best class per box, class-agnostic NMS."""
+    """One image, ssd_keras's fast variant: best class per box, class-agnostic NMS.
+
+    Keeps a box whose best class is not the background and whose score is at least
+    ``conf`` (``>=``, as ssd_keras's ``decode_detections_fast``; ``decode_detections``
+    above keeps scores strictly above it, as Caffe's ``DetectionOutput``).
+    """
     label = np.argmax(scores, axis=1)
     best = scores.max(axis=1)
-    hit = (label != 0) & (best > conf)
+    hit = (label != 0) & (best >= conf)
     kept_rows = []
     left = np.concatenate([label[hit][:, None], best[hit][:, None], boxes[hit]], 1)
     kept = _greedy_nms(left[:, 1:], iou)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ssdlit.anchors import (
+    D2LAnchorGenerator,
     RetinaAnchorGenerator,
     SSDAnchorGenerator,
     SSDCaffeAnchorGenerator,
@@ -30,11 +31,27 @@ def test_ssd300_count_and_first_level():
         offsets=[0.5] * 6,
         clip=False,
     )
-    anchors = gen(SSD300_MAPS)
+    anchors = gen(SSD300_MAPS, dtype=torch.float64)
     assert anchors.shape == (8732, 4)
-    assert anchors.dtype == torch.float32
-    assert gen.num_anchors_per_location() == [4, 6, 6, 6, 4, 4]
-    assert 4 * 38 * 38 == 5776
+    assert gen(SSD300_MAPS).dtype == torch.float32
+    per_location = gen.num_anchors_per_location()
+    assert per_location == [4, 6, 6, 6, 4, 4]
+    # Count the anchors of each level from the generator's output: level k's block holds
+    # h * w cells of n boxes each, every box of a cell centred at ((x, y) + 0.5) * step.
+    counts = [n * h * w for n, (h, w) in zip(per_location, SSD300_MAPS, strict=True)]
+    assert counts == [5776, 2166, 600, 150, 36, 4]
+    blocks = anchors.split(counts)
+    for level, (block, (h, w), n) in enumerate(zip(blocks, SSD300_MAPS, per_location, strict=True)):
+        cells = block.reshape(h, w, n, 4)
+        step = SSD300_STEPS[level] / 300
+        xs = (torch.arange(w, dtype=torch.float64) + 0.5) * step
+        ys = (torch.arange(h, dtype=torch.float64) + 0.5) * step
+        torch.testing.assert_close(cells[..., 0], xs[None, :, None].expand(h, w, n))
+        torch.testing.assert_close(cells[..., 1], ys[:, None, None].expand(h, w, n))
+        # The first box of every cell is the ratio-1 box of the level's scale.
+        torch.testing.assert_close(
+            cells[:, :, 0, 2:], torch.full((h, w, 2), SSD300_SCALES[level], dtype=torch.float64)
+        )
 
 
 def test_ssd512_count():
@@ -141,10 +158,18 @@ def test_min_max_scale_is_linspace_and_flat_ratios():
 
 
 def test_device_dtype_and_registry():
+    # The registry's default "ssd" and the ssd300() preset against ssd_keras's loop with
+    # SSD300's parameters written out here.
+    expected = ssd_keras_anchors(
+        300, 300, SSD300_MAPS, SSD300_RATIOS, SSD300_SCALES, True, SSD300_STEPS
+    )
     gen = ANCHORS.build("ssd", image_size=(300, 300), steps=SSD300_STEPS)
     a = gen(SSD300_MAPS, device="cpu", dtype=torch.float64)
     assert a.dtype == torch.float64 and a.device.type == "cpu"
-    assert torch.equal(a.float(), SSDAnchorGenerator.ssd300()(SSD300_MAPS))
+    np.testing.assert_allclose(a.numpy(), expected, atol=1e-12, rtol=0)
+    preset = SSDAnchorGenerator.ssd300()(SSD300_MAPS)
+    assert preset.dtype == torch.float32
+    np.testing.assert_allclose(preset.numpy(), expected, atol=1e-6, rtol=0)
 
 
 def test_bad_configs_are_refused():
@@ -210,3 +235,161 @@ def test_yolo_anchors():
     assert rescaled.priors[0][0] == pytest.approx((10 * 608 / 416, 13 * 608 / 416))
     # Every anchor of one prior has exactly the same size (the YOLO matcher relies on it).
     assert len(torch.unique(a[:, 2:], dim=0)) == 9
+
+
+# SSD-Tensorflow's SSD300 (ssd_vgg_300.py): the ratio lists omit ratio 1 and the extra box.
+SSD_TF_SIZES = [
+    (21.0, 45.0),
+    (45.0, 99.0),
+    (99.0, 153.0),
+    (153.0, 207.0),
+    (207.0, 261.0),
+    (261.0, 315.0),
+]
+SSD_TF_RATIOS = [
+    [2, 0.5],
+    [2, 0.5, 3, 1.0 / 3],
+    [2, 0.5, 3, 1.0 / 3],
+    [2, 0.5, 3, 1.0 / 3],
+    [2, 0.5],
+    [2, 0.5],
+]
+
+
+def ssd_tf_anchors(img_shape, feat_shapes, sizes, ratios, steps, offset=0.5):
+    """SSD-Tensorflow's ``ssd_anchor_one_layer`` per layer, as loops, to cxcywh rows.
+
+    Per location: ``len(sizes) + len(ratios)`` boxes: (sizes[0], ratio 1); with a second
+    size the square of side sqrt(sizes[0] * sizes[1]); then one box per listed ratio r of
+    width sizes[0] * sqrt(r) and height sizes[0] / sqrt(r). Centres (index + offset) * step.
+    """
+    img_h, img_w = img_shape
+    rows = []
+    for (fh, fw), size, ratio, step in zip(feat_shapes, sizes, ratios, steps, strict=True):
+        hs = [size[0] / img_h]
+        ws = [size[0] / img_w]
+        if len(size) > 1:
+            hs.append(math.sqrt(size[0] * size[1]) / img_h)
+            ws.append(math.sqrt(size[0] * size[1]) / img_w)
+        for r in ratio:
+            hs.append(size[0] / img_h / math.sqrt(r))
+            ws.append(size[0] / img_w * math.sqrt(r))
+        for y in range(fh):
+            for x in range(fw):
+                cy = (y + offset) * step / img_h
+                cx = (x + offset) * step / img_w
+                for h, w in zip(hs, ws, strict=True):
+                    rows.append([cx, cy, w, h])
+    return np.array(rows)
+
+
+def test_ssd_caffe_takes_ssd_tensorflow_ratio_lists_with_implicit_ar1():
+    gen = ANCHORS.build(
+        "ssd_caffe",
+        image_size=(300, 300),
+        sizes=SSD_TF_SIZES,
+        aspect_ratios=SSD_TF_RATIOS,
+        implicit_ar1=True,
+        steps=SSD300_STEPS,
+    )
+    assert gen.num_anchors_per_location() == [4, 6, 6, 6, 4, 4]
+    ours = gen(SSD300_MAPS, dtype=torch.float64)
+    assert ours.shape == (8732, 4)
+    ref = ssd_tf_anchors((300, 300), SSD300_MAPS, SSD_TF_SIZES, SSD_TF_RATIOS, SSD300_STEPS)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-12, rtol=0)
+    # The explicit convention with ratio 1 listed gives the same anchors.
+    explicit = SSDCaffeAnchorGenerator(sizes=SSD_TF_SIZES, aspect_ratios=SSD300_RATIOS)
+    torch.testing.assert_close(explicit(SSD300_MAPS, dtype=torch.float64), ours)
+    # A rectangular input, levels without a second size (no extra square).
+    sizes = [(20.0, 40.0), (40.0,), (80.0, 120.0)]
+    ratios = [[2, 0.5], [3.0], [0.5, 2, 1 / 3]]
+    maps, steps = [(12, 20), (6, 10), (3, 5)], [8, 16, 32]
+    gen = SSDCaffeAnchorGenerator(
+        image_size=(96, 160), sizes=sizes, aspect_ratios=ratios, implicit_ar1=True, steps=steps
+    )
+    assert gen.num_anchors_per_location() == [4, 2, 5]
+    ref = ssd_tf_anchors((96, 160), maps, sizes, ratios, steps)
+    np.testing.assert_allclose(gen(maps, dtype=torch.float64).numpy(), ref, atol=1e-12, rtol=0)
+
+
+def test_ssd_caffe_refuses_ratio_lists_it_would_count_differently():
+    # SSD-Tensorflow's lists without the option: a clear error, never 4852 anchors.
+    with pytest.raises(ValueError, match="implicit_ar1"):
+        SSDCaffeAnchorGenerator(sizes=SSD_TF_SIZES, aspect_ratios=SSD_TF_RATIOS)
+    with pytest.raises(ValueError, match="implicit_ar1"):
+        ANCHORS.build("ssd_caffe", aspect_ratios=[2.0, 0.5])
+    # With the option, a listed 1 would be a second ratio-1 box: refused as well.
+    with pytest.raises(ValueError, match="ratio 1"):
+        SSDCaffeAnchorGenerator(aspect_ratios=SSD300_RATIOS, implicit_ar1=True)
+
+
+def d2l_multibox_prior(fh, fw, sizes, ratios):
+    """d2l's ``multibox_prior`` on an ``fh x fw`` feature map, as loops: xyxy rows.
+
+    ``len(sizes) + len(ratios) - 1`` boxes per pixel: (s_i, r_1) for every size, then
+    (s_1, r_j) for j > 1; width ``s * sqrt(r) * fh / fw``, height ``s / sqrt(r)``;
+    centres ((x + 0.5) / fw, (y + 0.5) / fh).
+    """
+    shapes = [(s, ratios[0]) for s in sizes] + [(sizes[0], r) for r in ratios[1:]]
+    rows = []
+    for y in range(fh):
+        for x in range(fw):
+            cx, cy = (x + 0.5) / fw, (y + 0.5) / fh
+            for s, r in shapes:
+                w = s * math.sqrt(r) * fh / fw
+                h = s / math.sqrt(r)
+                rows.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    return np.array(rows)
+
+
+D2L_SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
+D2L_RATIOS = [[1, 2, 0.5]] * 5
+
+
+@pytest.mark.parametrize(
+    "image_size, maps, sizes, ratios",
+    [
+        # d2l's TinySSD: 256x256 input, 32/16/8/4/1 maps.
+        ((256, 256), [(32, 32), (16, 16), (8, 8), (4, 4), (1, 1)], D2L_SIZES, D2L_RATIOS),
+        # Rectangular maps (d2l's factor fh / fw), uneven sizes/ratios per level, and maps
+        # that are not proportional to the input (the factor is the feature map's).
+        (
+            (60, 100),
+            [(6, 10), (3, 5), (2, 3)],
+            [[0.1], [0.25, 0.3, 0.4], [0.5, 0.75]],
+            [[1.0, 2.0, 0.5, 3.0], [2.0, 1.0], [0.5]],
+        ),
+    ],
+)
+def test_d2l_equals_multibox_prior_loop(image_size, maps, sizes, ratios):
+    gen = ANCHORS.build("d2l", image_size=image_size, sizes=sizes, ratios=ratios)
+    assert isinstance(gen, D2LAnchorGenerator) and gen.num_levels == len(maps)
+    assert gen.num_anchors_per_location() == [
+        len(s) + len(r) - 1 for s, r in zip(sizes, ratios, strict=True)
+    ]
+    ours = gen(maps, dtype=torch.float64)
+    ref = np.concatenate(
+        [
+            d2l_multibox_prior(fh, fw, s, r)
+            for (fh, fw), s, r in zip(maps, sizes, ratios, strict=True)
+        ]
+    )
+    assert ours.shape == (len(ref), 4)
+    xyxy = torch.cat([ours[:, :2] - ours[:, 2:] / 2, ours[:, :2] + ours[:, 2:] / 2], 1)
+    np.testing.assert_allclose(xyxy.numpy(), ref, atol=1e-12, rtol=0)
+    assert gen(maps).dtype == torch.float32
+
+
+def test_d2l_flat_ratios_and_bad_configs():
+    a = D2LAnchorGenerator(image_size=(64, 64), sizes=[[0.2, 0.3], [0.5]], ratios=[1, 2, 0.5])
+    assert a.ratios == [[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]]
+    assert a.num_anchors_per_location() == [4, 3]
+    # r = 1 is square in pixels on a map proportional to the input: s * H by s * H.
+    square = a([(8, 16), (4, 8)], dtype=torch.float64)[0]
+    assert square[2:].tolist() == pytest.approx([0.2 * 8 / 16, 0.2])
+    with pytest.raises(ValueError, match="one entry per level"):
+        D2LAnchorGenerator(image_size=(64, 64), sizes=[[0.2], [0.4]], ratios=[[1.0]])
+    with pytest.raises(ValueError, match="positive"):
+        D2LAnchorGenerator(image_size=(64, 64), sizes=[[0.0]], ratios=[[1.0]])
+    with pytest.raises(ValueError, match="levels"):
+        a([(8, 8)])

@@ -20,6 +20,7 @@ from ssdlit.datamodules import (
     CSVSource,
     DataError,
     VOCSource,
+    decode_image,
     load_rgb,
     read_header,
 )
@@ -30,6 +31,7 @@ from tests.data_builders import (
     EXTERNAL_ENTITY,
     GOOD_EXPECTED,
     add_flat_item,
+    corrupt_jpeg,
     csv_rows_good,
     flat_dataset,
     truncated_jpeg,
@@ -194,7 +196,9 @@ CASES = [
          "missing_image", "bad.jpg", "bad.xml"),
     Case("unreadable_image", voc_bad_image(lambda p: p.write_bytes(b"not an image at all")),
          "unreadable_image", "bad.jpg", "bad.xml"),
-    Case("truncated_jpeg_decoded", voc_bad_image(truncated_jpeg, check_images="decode"),
+    Case("corrupt_jpeg_decoded", voc_bad_image(corrupt_jpeg, check_images="decode"),
+         "unreadable_image", "bad.jpg", "bad.xml"),
+    Case("zero_byte_image", voc_bad_image(lambda p: p.write_bytes(b"")),
          "unreadable_image", "bad.jpg", "bad.xml"),
     Case("size_mismatch", voc_case([CAT], xml_size=(40, 24)),
          "size_mismatch", "bad.xml", "size"),
@@ -441,9 +445,9 @@ def test_exif_rotated_wrong_size_still_mismatch(tmp_path: Path):
         VOCSource(root=tmp_path, classes=CLASSES)
 
 
-def test_truncated_jpeg_load_raises_naming_file(tmp_path: Path):
-    path = truncated_jpeg(tmp_path / "cut.jpg")
-    assert read_header(path).width == 64  # the header alone is fine
+def test_undecodable_image_load_raises_naming_file(tmp_path: Path):
+    path = corrupt_jpeg(tmp_path / "cut.jpg")
+    assert read_header(path).width == 32  # the header alone is fine
     with pytest.raises(DataError, match=r"cut\.jpg: cannot read the image") as info:
         load_rgb(path)
     assert info.value.kind == "unreadable_image"
@@ -452,6 +456,34 @@ def test_truncated_jpeg_load_raises_naming_file(tmp_path: Path):
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(DataError, match=r"junk\.png"):
         load_rgb(tmp_path / "junk.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.jpg"):
+        load_rgb(tmp_path / "empty.jpg")
+    png = tmp_path / "half.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:-2000])  # a PNG cut in its pixel data: beyond repair
+    with pytest.raises(DataError, match=r"half\.png"):
+        load_rgb(png)
+
+
+def test_tail_truncated_jpeg_loads_as_opencv_does_with_a_note(tmp_path: Path):
+    from PIL import ImageFile
+
+    path, intact = truncated_jpeg(tmp_path / "images" / "cut.jpg", cut=20)
+    arr, truncated = decode_image(path)
+    assert truncated and arr.shape == intact.shape and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr[:32], intact[:32])  # the part still in the file
+    np.testing.assert_array_equal(load_rgb(path), arr)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # tolerance scoped to the one load
+    assert not decode_image(write_image(tmp_path / "whole.jpg"))[1]
+
+    # Parsed with check_images="decode": kept, with a note naming the file.
+    add_flat_item(tmp_path, "cut", [CAT], image=False, width=64, height=64)
+    src = VOCSource(root=tmp_path, classes=CLASSES, check_images="decode", on_bad="error")
+    assert [r.image_id for r in src.records] == ["cut"] and src.report.skipped_images == 0
+    assert src.report.counts("note") == {"truncated_image": 1}
+    assert "cut.jpg" in src.report.notes[0].message()
+    assert "truncated_image" in src.report.summary()
 
 
 def _check_rgb(arr: np.ndarray, shape: tuple[int, int]) -> None:

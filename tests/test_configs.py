@@ -180,6 +180,7 @@ def test_matcher_and_postprocess_options_build(group):
         ("resnet50", "ssd300", "ssd", 300),
         ("ssd7", "ssd7", "retina", 96),
         ("ssd7", "ssd7", "yolo", 96),
+        ("ssd7", "d2l", "ssd", 96),
     ],
 )
 def test_component_swaps_build_a_detector(backbone, anchors, head, size):
@@ -267,7 +268,7 @@ def test_data_options(name, tmp_path):
             "data.source.num_images=2",
             "data.source.image_size=32",
         ],
-        "voc": [f"data.root={tmp_path}/VOCdevkit", f"+data.source.classes=[{','.join(SHAPES)}]"],
+        "voc": [f"data.root={tmp_path}/VOCdevkit", f"data.class_names=[{','.join(SHAPES)}]"],
         "csv": [f"data.train_csv={tmp_path}/csv/train.csv", f"data.val_csv={tmp_path}/csv/val.csv"],
         "coco": [f"data.root={tmp_path}/coco"],
         "raccoon": ["data.cache_images=false"],  # parse and count, do not decode
@@ -557,9 +558,14 @@ def test_voc_variants_swap_components_of_the_ssd300_recipe(name, swapped):
             assert cfg[group] == base[group], group
         else:
             option_cfg = compose_cfg([f"{group}={option}"])[group]
+            stated = {}  # what the experiment states on top of the option
+            if group == "backbone":
+                stated = {"pretrained": True}
+            elif group == "head" and option == "ssdlite":  # the SSD300 recipe's loss settings
+                stated = {k: v for k, v in OmegaConf.to_container(base.head).items() if k != "name"}
             assert OmegaConf.to_container(cfg[group]) == {
                 **OmegaConf.to_container(option_cfg),
-                **({"pretrained": True} if group == "backbone" else {}),
+                **stated,
             }, group
     size = swapped.get("image_size", 300)
     assert list(cfg.image_size) == [size, size]

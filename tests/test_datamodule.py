@@ -362,3 +362,101 @@ def test_read_only_decodes_give_a_writable_sample_without_warning(tiny):
         image = ds[0]["image"]
     image[0, 0, 0] = 255  # writing to the sample leaves the decoded array alone
     assert frozen[0, 0, 0] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Images that cannot be decoded when loaded: on_bad decides (skip: replaced, counted,
+# logged once; error: one DataError naming the file, from the main process or a worker).
+
+
+def _flat_with_broken_images(root: Path) -> Path:
+    """Flat VOC: a0, a1, bad (header fine, data garbage), c0, cut (tail-truncated JPEG)."""
+    from tests.data_builders import add_flat_item, corrupt_jpeg, truncated_jpeg
+
+    box = [{"name": "cat", "box": (2, 2, 20, 16)}]
+    for stem in ("a0", "a1", "c0"):
+        add_flat_item(root, stem, box)
+    add_flat_item(root, "bad", box, image=False)
+    corrupt_jpeg(root / "images" / "bad.jpg")
+    add_flat_item(root, "cut", box, image=False, width=64, height=64)
+    truncated_jpeg(root / "images" / "cut.jpg", cut=20)
+    return root
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_undecodable_image_skipped_when_loaded(tmp_path, num_workers, caplog):
+    from ssdlit.datamodules import VOCSource
+
+    root = _flat_with_broken_images(tmp_path)
+    src = VOCSource(root=root, on_bad="skip")  # check_images="header": the header is fine
+    assert [r.image_id for r in src.records] == ["a0", "a1", "bad", "c0", "cut"]
+    dm = DetectionDataModule(
+        train=src, val=src, image_size=SIZE, batch_size=2, num_workers=num_workers, seed=0
+    )
+    dm.setup("fit")
+    with caplog.at_level("WARNING", logger="ssdlit.datamodules.datamodule"):
+        for _epoch in range(2):
+            seen = [m["image_id"] for b in dm.train_dataloader() for m in b["meta"]]
+            assert len(seen) == 5 and "bad" not in seen
+    logged = [r.getMessage() for r in caplog.records if "bad.jpg" in r.getMessage()]
+    val_ids = [m["image_id"] for b in dm.val_dataloader() for m in b["meta"]]
+    assert val_ids == ["a0", "a1", "c0", "c0", "cut"]  # bad -> the next index, deterministic
+    dm.teardown("fit")
+    report = src.report
+    assert report.counts("error") == {"unreadable_image": 1}, report.summary()
+    assert report.skipped_images == 1
+    assert report.counts("note") == {"truncated_image": 1}
+    assert "bad.jpg" in report.errors[0].message() and "cut.jpg" in report.notes[0].message()
+    dm.teardown("fit")  # counted once, however often the report is brought up to date
+    assert report.skipped_images == 1 and len(report.problems) == 2
+    if num_workers == 0:  # worker processes log on their own handlers
+        assert len(logged) == 1, logged  # once, not once per epoch
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_undecodable_image_under_error_stops_naming_the_file(tmp_path, num_workers):
+    from ssdlit.datamodules import DataError, VOCSource
+
+    src = VOCSource(root=_flat_with_broken_images(tmp_path), on_bad="error")
+    dm = DetectionDataModule(train=src, image_size=SIZE, batch_size=5, num_workers=num_workers)
+    with pytest.raises(DataError) as info:
+        list(dm.train_dataloader())
+    msg = str(info.value)
+    assert "bad.jpg" in msg and "\n" not in msg, msg
+    assert info.value.kind == "unreadable_image"
+
+
+def test_undecodable_image_in_the_cache(tmp_path):
+    from ssdlit.datamodules import DataError, VOCSource
+
+    root = _flat_with_broken_images(tmp_path)
+    dm = DetectionDataModule(train=VOCSource(root=root), image_size=SIZE, cache_images=True)
+    with pytest.raises(DataError, match=r"bad\.jpg"):
+        dm.setup("fit")
+    src = VOCSource(root=root, on_bad="skip")
+    dm = DetectionDataModule(train=src, image_size=SIZE, batch_size=5, cache_images=True)
+    dm.setup("fit")  # decoding the cache does not stop at the broken image
+    assert len(next(iter(dm.train_dataloader()))["meta"]) == 5
+    dm.teardown("fit")
+    assert src.report.skipped_images == 1
+
+
+def test_undecodable_image_skipped_at_parse_through_the_config(tmp_path):
+    from ssdlit.training.builders import build_datamodule
+
+    root = _flat_with_broken_images(tmp_path)
+    data = {
+        "source": {"name": "voc", "root": str(root), "on_bad": "skip", "check_images": "decode"},
+        "train": {},
+        "val": None,
+        "class_names": None,
+        "batch_size": 2,
+        "num_workers": 0,
+    }
+    dm = build_datamodule(data, {"train": {"name": "val"}}, SIZE)
+    dm.setup("fit")
+    seen = [m["image_id"] for b in dm.train_dataloader() for m in b["meta"]]
+    assert sorted(seen) == ["a0", "a1", "c0", "cut"]  # the truncated JPEG is kept
+    report = dm.reports["train"]
+    assert report.counts("error") == {"unreadable_image": 1} and report.skipped_images == 1
+    assert report.counts("note") == {"truncated_image": 1}

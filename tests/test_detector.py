@@ -4,6 +4,7 @@ import torchvision
 
 from ssdlit import Detector
 from ssdlit.exporting import export_onnx, export_torchscript, load_torchscript, verify_onnx
+from ssdlit.heads import MultiBoxLoss
 
 SSD300_ANCHORS = {
     "name": "ssd",
@@ -171,3 +172,99 @@ def test_onnx_verification_catches_a_different_model(tmp_path):
     images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
     with pytest.raises(AssertionError, match="disagree"):
         verify_onnx(other, path, images)
+
+
+def _ssd7(scales, image_size=(64, 96)):
+    return Detector.build(
+        num_classes=3,
+        image_size=image_size,
+        backbone={"name": "ssd7"},
+        anchors={"name": "ssd", "scales": scales, "aspect_ratios": [1, 2, 0.5]},
+        head={"name": "ssd"},
+        matcher={"name": "ssd"},
+    )
+
+
+def test_detectors_built_one_after_another_match_their_own_anchors():
+    """A sweep builds and frees detectors in one process; each one's anchors (same count,
+    other values, often at the address of the freed one's) must be matched exactly as a
+    fresh process matches them: as ssd_keras's loop matches those very anchors."""
+    import gc
+
+    import numpy as np
+
+    from tests.ssd_keras_reference import ssd_keras_match
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 0.7, size=(4, 5, 2))
+    # [4, 5, 4] float64: matched in float64, as exactly as the float64 reference
+    gt_boxes = torch.tensor(np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (4, 5, 2))], 2))
+    gt_labels = torch.ones(4, 5, dtype=torch.long)
+    gt_mask = torch.ones(4, 5, dtype=torch.bool)
+    images = torch.zeros(4, 3, 64, 96)
+    runs = []
+    for i in range(6):  # as a sweep runs: build, train (match), free; nothing else kept
+        det = _ssd7([(0.05 + 0.02 * i) * 2**k for k in range(5)]).double()
+        with torch.no_grad():
+            outputs = det.raw(images)
+            loss = det.loss(outputs, gt_boxes, gt_labels, gt_mask)["loss"].item()
+            matches = det.matcher(gt_boxes, gt_mask, det.anchors).tolist()  # a plain tensor
+        outputs = {k: v.tolist() for k, v in outputs.items()}
+        runs.append((det.anchors.tolist(), matches, loss, outputs))
+        del det
+        gc.collect()
+    assert len({len(anchors) for anchors, *_ in runs}) == 1  # one count, other values
+    criterion = MultiBoxLoss()  # the ssd head's, as configured above
+    stale = []
+    for i, (anchors, matches, loss, outputs) in enumerate(runs):
+        anchors = torch.tensor(anchors, dtype=torch.float64)
+        expected = torch.stack(
+            [
+                torch.from_numpy(ssd_keras_match(gt_boxes[b].numpy(), anchors.numpy()))
+                for b in range(4)
+            ]
+        )
+        out = {k: torch.tensor(v, dtype=torch.float64) for k, v in outputs.items()}
+        reference = criterion(
+            out["cls_logits"], out["box_deltas"], expected, gt_boxes, gt_labels, anchors
+        )["loss"].item()
+        if not torch.equal(torch.tensor(matches), expected) or loss != reference:
+            stale.append(i)
+    assert not stale, f"detectors {stale} of 6 matched against other anchors"
+
+
+def test_anchor_tables_belong_to_the_detector_and_follow_its_anchors():
+    det = _ssd7([0.08, 0.16, 0.32, 0.64, 0.96])
+    tables = det.anchor_overlaps()
+    assert torch.equal(tables.anchors, det.anchors) and det.anchor_overlaps() is tables  # once
+    det.double()  # a new anchors buffer: new tables from it
+    assert det.anchor_overlaps().dtype == torch.float64
+    assert torch.equal(det.anchor_overlaps().anchors, det.anchors)
+    with torch.no_grad():
+        det.anchors[:, 2:] *= 0.5  # changed in place: rebuilt
+    assert torch.equal(det.anchor_overlaps().anchors, det.anchors)
+    gt_boxes = torch.tensor([[[0.1, 0.1, 0.3, 0.4]]], dtype=torch.float64)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    assert torch.equal(
+        det.matcher(gt_boxes, mask, det.anchor_overlaps()),
+        det.matcher(gt_boxes, mask, det.anchors.clone()),
+    )
+
+
+def test_yolo_detector_hands_its_head_the_generators_grid():
+    anchors = {"name": "yolo", "priors": [[[8, 8]]] * 4, "strides": [6, 12, 24, 48]}
+    det = Detector.build(
+        num_classes=2,
+        image_size=(64, 96),
+        backbone={"name": "ssd7"},
+        anchors=anchors,
+        head={"name": "yolo", "hidden_channels": 0},
+        matcher={"name": "yolov3"},
+    )
+    cells = det.anchor_generator.cells(det.feature_sizes)
+    assert torch.equal(det.head.anchor_cells, cells)
+    assert torch.equal(cells[:, :2], det.anchors[:, :2])  # centred on the anchors
+    assert torch.equal(cells[0, 2:], torch.tensor([6 / 96, 6 / 64]))  # the stride, not 1 / W
+    outputs = det.eval().raw(torch.zeros(1, 3, 64, 96, dtype=torch.uint8))
+    outputs["box_deltas"] = torch.zeros_like(outputs["box_deltas"])
+    torch.testing.assert_close(det.head.decode_boxes(outputs, det.anchors)[0], det.anchors)

@@ -98,13 +98,17 @@ def tensors(obj, prefix=""):
 # -- resume ---------------------------------------------------------------------------------
 
 
-def test_resume_from_last_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1], ids=["main_process", "one_worker"])
+def test_resume_from_last_equals_an_uninterrupted_run(tmp_path: Path, workers: int) -> None:
     """Run A: 2 epochs. Run B: 1 epoch, then ``ckpt_path=last`` up to 2 epochs in the same run
-    folder. Both end with the same weights, optimiser state and schedule, bit for bit."""
+    folder. Both end with the same weights, optimiser state and schedule, bit for bit, with
+    the data loaded in the main process and by a worker process (whose augmentation seed
+    and first indices come with the iterator Lightning makes before the epoch starts)."""
     data = tmp_path / "data"
     run_a, run_b = tmp_path / "A", tmp_path / "B"
-    a = start_train([*tiny(data), "trainer.max_epochs=2"], run_a, tmp_path)
-    b1 = start_train([*tiny(data), "trainer.max_epochs=1"], run_b, tmp_path)
+    loader = [f"data.num_workers={workers}"]
+    a = start_train([*tiny(data), *loader, "trainer.max_epochs=2"], run_a, tmp_path)
+    b1 = start_train([*tiny(data), *loader, "trainer.max_epochs=1"], run_b, tmp_path)
     for proc in (a, b1):
         done = finish(proc)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -112,7 +116,9 @@ def test_resume_from_last_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     after_one = torch.load(last_b, weights_only=True, map_location="cpu")
     assert after_one["global_step"] == STEPS_PER_EPOCH
 
-    resumed = train([*tiny(data), "trainer.max_epochs=2", "ckpt_path=last"], run_b, tmp_path)
+    resumed = train(
+        [*tiny(data), *loader, "trainer.max_epochs=2", "ckpt_path=last"], run_b, tmp_path
+    )
     assert (
         f"Restoring states from the checkpoint path at {last_b}" in resumed.stderr + resumed.stdout
     )

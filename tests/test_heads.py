@@ -41,14 +41,25 @@ SMALL = {"retina": {"channels": 16}, "yolo": {"hidden_channels": 8}}
 
 
 def build(name: str, num_anchors=None, in_channels=IN_CHANNELS, **kwargs) -> DetectionHead:
+    """A small head; a yolo head gets the grid of a 32 x 32 input with SIZES maps (the
+    cells a Detector would hand it)."""
     options = {**SMALL.get(name, {}), **kwargs}
-    return HEADS.build(
+    head = HEADS.build(
         name,
         in_channels=in_channels,
         num_anchors=num_anchors or NUM_ANCHORS[name],
         num_classes=C,
         **options,
     )
+    if name == "yolo" and num_anchors is None:
+        head.bind_anchor_grid(yolo_grid().cells(SIZES))
+    return head
+
+
+def yolo_grid(sizes=SIZES) -> YoloAnchorGenerator:
+    """A yolo generator with NUM_ANCHORS["yolo"] priors per level, strides 8 and 16."""
+    priors = [[(4 + i, 6 + i) for i in range(n)] for n in NUM_ANCHORS["yolo"]]
+    return YoloAnchorGenerator(image_size=(32, 32), priors=priors, strides=(8, 16))
 
 
 def features(
@@ -120,7 +131,6 @@ def test_output_shapes_scores_and_boxes(name):
         torch.testing.assert_close(
             scores[..., 1:], obj[..., None] * out["cls_logits"][..., 1:].sigmoid()
         )
-        assert out["cell_wh"].shape == (a, 2)
     boxes = head.decode_boxes(out, random_anchors(a))
     assert boxes.shape == (2, a, 4) and torch.isfinite(boxes).all()
 
@@ -269,14 +279,6 @@ def test_outputs_follow_anchor_order_of_raw_maps(name):
     torch.testing.assert_close(out["box_deltas"], _naive_flatten(maps["box"], 4))
 
 
-def test_yolo_cell_sizes_per_level():
-    head = build("yolo")
-    out = head(features(sizes=[(4, 6), (2, 3)]))
-    a0 = 4 * 4 * 6
-    torch.testing.assert_close(out["cell_wh"][:a0], torch.tensor([1 / 6, 1 / 4]).expand(a0, 2))
-    torch.testing.assert_close(out["cell_wh"][a0:], torch.tensor([1 / 3, 1 / 2]).expand(6 * 6, 2))
-
-
 # -- decoding ---------------------------------------------------------------------------
 
 
@@ -285,7 +287,8 @@ def test_zero_deltas_give_the_anchors(name):
     head = build(name)
     out = head(features())
     a = out["box_deltas"].shape[1]
-    anchors = random_anchors(a)
+    # yolo boxes are relative to the grid cells: its anchors must be the grid's
+    anchors = yolo_grid()(SIZES) if name == "yolo" else random_anchors(a)
     out["box_deltas"] = torch.zeros_like(out["box_deltas"])
     torch.testing.assert_close(head.decode_boxes(out, anchors), anchors.expand(2, a, 4))
 
@@ -300,37 +303,108 @@ def test_ssd_decode_inverts_encode():
     torch.testing.assert_close(head.decode_boxes(out, anchors), gt)
 
 
-def test_yolo_decode_inverts_encode_and_is_grid_relative():
-    head = build("yolo")
-    out = head(features(sizes=[(4, 6), (2, 3)]))
-    a = out["box_deltas"].shape[1]
-    anchors = random_anchors(a, seed=1)
-    cell = out["cell_wh"]
-    # gt centres inside each anchor's cell
-    g = torch.Generator().manual_seed(3)
-    offset = (torch.rand(2, a, 2, generator=g) - 0.5) * 0.98 * cell
-    gt = torch.cat(
-        (anchors[:, :2] + offset, anchors[:, 2:] * (0.5 + torch.rand(2, a, 2, generator=g))), -1
+def _yolo300():
+    """The shipped yolo300 anchors (conf/anchors/yolo300.yaml) on the 6 maps of the
+    300 x 300 SSD backbone it is configured for, and a yolo head with their grid."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ssdlit.registry import ANCHORS
+
+    spec = OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).parents[1] / "conf" / "anchors" / "yolo300.yaml")
     )
-    target = head.encode_boxes(gt, anchors, cell)
-    out["box_deltas"] = torch.cat((torch.logit(target[..., :2]), target[..., 2:]), dim=-1)
-    torch.testing.assert_close(head.decode_boxes(out, anchors), gt, atol=1e-5, rtol=1e-4)
-    # YOLOv3's rule on a level of H = 4, W = 6: cx = (cell_x + sigmoid(tx)) / W
-    anchors0 = torch.tensor([[1.5 / 6, 0.5 / 4, 0.2, 0.3]])  # cell (y=0, x=1)
-    one = {
-        "box_deltas": torch.tensor([[[0.7, -0.4, 0.2, -0.1]]]),
-        "cell_wh": torch.tensor([[1 / 6, 1 / 4]]),  # (cell_w, cell_h)
-    }
-    box = head.decode_boxes(one, anchors0)[0, 0]
+    name = spec.pop("name")
+    gen = ANCHORS.build(name, image_size=(300, 300), **spec)
+    maps = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+    head = HEADS.build(
+        "yolo",
+        in_channels=[4] * 6,
+        num_anchors=gen.num_anchors_per_location(),
+        num_classes=C,
+        hidden_channels=0,
+    )
+    head.bind_anchor_grid(gen.cells(maps, dtype=torch.float64))
+    return spec, gen(maps, dtype=torch.float64), maps, head
+
+
+def test_yolo300_gt_on_every_cell_boundary_is_reached_by_its_anchor():
+    """On every level of yolo300 (stride x map size != 300 on four of them: the cells
+    step 8/300, 16/300, 32/300, 64/300, not 1/38, 1/19, 1/10, 1/5), a gt centred on any
+    cell boundary or cell centre is given, by the YOLOv3 matcher, to an anchor whose
+    cell holds that centre, and is encoded and decoded back exactly."""
+    spec, anchors, maps, head = _yolo300()
+    gt, level_of = [], []
+    start = 0
+    for level, ((fh, fw), stride) in enumerate(zip(maps, spec["strides"], strict=True)):
+        step = stride / 300
+        # cell centres (i + 0.5) * step and boundaries i * step, inside the image
+        pos = torch.arange(0, 2 * max(fh, fw) + 1, dtype=torch.float64) * step / 2
+        pos = pos[pos <= 1.0]
+        w, h = spec["priors"][level][0]
+        xs, ys = torch.meshgrid(pos, pos, indexing="ij")
+        # every x with every y would be many; each x once and each y once suffices
+        for x, y in zip(
+            xs.diagonal().tolist() + xs[:, 0].tolist(),
+            ys.diagonal().tolist() + pos.flip(0).tolist(),
+            strict=True,
+        ):
+            gt.append([x - w / 600, y - h / 600, x + w / 600, y + h / 600])
+            level_of.append(level)
+        start += fh * fw * len(spec["priors"][level])
+    gt_boxes = torch.tensor(gt, dtype=torch.float64)[:, None, :]  # [N, 1, 4] one gt per image
+    matches = YOLOv3Matcher()(gt_boxes, torch.ones(len(gt), 1, dtype=torch.bool), anchors)
+    assert ((matches >= 0).sum(dim=1) == 1).all()
+    anchor = (matches >= 0).int().argmax(dim=1)  # [N] the responsible anchor
+    centre = convert(gt_boxes[:, 0], "xyxy", "cxcywh")  # [N, 4]
+    cells = head.anchor_cells[anchor]  # [N, 4] its cell
+    tol = 1e-9
+    inside = ((centre[:, :2] - cells[:, :2]).abs() <= cells[:, 2:] / 2 + tol).all(dim=1)
+    assert inside.all(), centre[~inside][:5]
+    # the head can reach the gt from that anchor: deltas of +-inf span the whole cell
+    a = anchors.shape[0]
+    reach = torch.zeros(2, a, 4, dtype=torch.float64)
+    reach[0, :, :2], reach[1, :, :2] = -torch.inf, torch.inf
+    lo, hi = head.decode_boxes({"box_deltas": reach}, anchors)[:, anchor, :2]
+    assert ((lo <= centre[:, :2] + tol) & (centre[:, :2] <= hi + tol)).all()
+    # encoded and decoded back exactly, at the responsible anchor
+    boxes = anchors.expand(len(gt), a, 4).clone()
+    rows = torch.arange(len(gt))
+    boxes[rows, anchor] = centre
+    target = head.encode_boxes(boxes, anchors)  # [N, A, 4]
+    deltas = torch.cat((torch.logit(target[..., :2]), target[..., 2:]), dim=-1)
+    decoded = head.decode_boxes({"box_deltas": deltas}, anchors)[rows, anchor]
+    torch.testing.assert_close(decoded, centre, rtol=0, atol=1e-12)
+    assert sorted(set(level_of)) == list(range(6))
+
+
+def test_yolo_decoding_follows_yolov3_on_a_stride_grid():
+    """YOLOv3's rule: cx = (c_x + sigmoid(tx)) * stride, with a stride (5 px on a 32 px
+    input) that differs from input size / map size."""
+    gen = YoloAnchorGenerator(image_size=(32, 32), priors=[[(6, 4)]], strides=[5])
+    anchors = gen([(4, 6)])  # 4 rows, 6 columns of 5 px cells
+    head = HEADS.build("yolo", in_channels=[4], num_anchors=[1], num_classes=C, hidden_channels=0)
+    head.bind_anchor_grid(gen.cells([(4, 6)]))
+    t = torch.zeros(1, 24, 4)
+    t[0, 7] = torch.tensor([0.7, -0.4, 0.2, -0.1])  # cell (y=1, x=1)
+    box = head.decode_boxes({"box_deltas": t}, anchors)[0, 7]
+    sig = torch.sigmoid(torch.tensor([0.7, -0.4]))
     expected = torch.tensor(
         [
-            (1 + torch.sigmoid(torch.tensor(0.7))) / 6,
-            (0 + torch.sigmoid(torch.tensor(-0.4))) / 4,
-            0.2 * math.exp(0.2),
-            0.3 * math.exp(-0.1),
+            (1 + sig[0]) * 5 / 32,
+            (1 + sig[1]) * 5 / 32,
+            6 / 32 * math.exp(0.2),
+            4 / 32 * math.exp(-0.1),
         ]
     )
     torch.testing.assert_close(box, expected)
+
+
+def test_yolo_head_without_its_grid_refuses_to_decode():
+    head = HEADS.build("yolo", in_channels=[4], num_anchors=[1], num_classes=C, hidden_channels=0)
+    with pytest.raises(RuntimeError, match="bind_anchor_grid"):
+        head.decode_boxes({"box_deltas": torch.zeros(1, 4, 4)}, torch.rand(4, 4))
 
 
 def test_huge_deltas_do_not_overflow():
@@ -365,7 +439,7 @@ def _mining_case():
 
 def test_mining_per_image_keeps_three_per_positive_or_all_nonzero():
     loss, matches = _mining_case()
-    keep = hard_negative_mask(loss, matches, neg_pos_ratio=3, mining="per_image")
+    keep = hard_negative_mask(loss, matches, neg_pos_ratio=3, n_neg_min=0, mining="per_image")
     assert keep.sum(1).tolist() == [6, 5]  # min(3 * 2, 12) and min(3 * 3, 5)
     assert keep[0].nonzero().flatten().tolist() == [8, 9, 10, 11, 12, 13]  # losses 7..12
     assert keep[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 6]
@@ -375,23 +449,23 @@ def test_mining_per_image_keeps_three_per_positive_or_all_nonzero():
 
 def test_mining_per_batch_uses_the_batch_budget_and_hardest_of_the_batch():
     loss, matches = _mining_case()
-    keep = hard_negative_mask(loss, matches, neg_pos_ratio=3, mining="per_batch")
+    keep = hard_negative_mask(loss, matches, neg_pos_ratio=3, n_neg_min=0, mining="per_batch")
     # 5 positives in the batch: budget 15, 17 candidates with loss > 0 -> the top 15
     assert keep.sum().item() == 15
     cand = loss[(matches == BACKGROUND) & (loss > 0)]
     assert loss[keep].min() == cand.sort(descending=True).values[14]
     assert keep.sum(1).tolist() == [11, 4]  # image 1 loses its 0.5, image 0 its 1.0
-    keep2 = hard_negative_mask(loss, matches, neg_pos_ratio=1, mining="per_batch")
+    keep2 = hard_negative_mask(loss, matches, neg_pos_ratio=1, n_neg_min=0, mining="per_batch")
     assert sorted(loss[keep2].tolist()) == [10.0, 11.0, 11.5, 12.0, 20.0]
 
 
 def test_mining_ratio_floor_and_n_neg_min():
     loss, matches = _mining_case()
-    keep = hard_negative_mask(loss, matches, neg_pos_ratio=2.5, mining="per_image")
+    keep = hard_negative_mask(loss, matches, neg_pos_ratio=2.5, n_neg_min=0, mining="per_image")
     assert keep.sum(1).tolist() == [5, 5]  # floor(2.5 * 2) = 5, floor(7.5) = 7 capped at 5
     # no positives at all: only n_neg_min negatives, never more than the non-zero ones
     no_pos = matches.masked_fill(matches >= 0, BACKGROUND)
-    assert hard_negative_mask(loss, no_pos, mining="per_image").sum() == 0
+    assert hard_negative_mask(loss, no_pos, n_neg_min=0, mining="per_image").sum() == 0
     keep = hard_negative_mask(loss, no_pos, n_neg_min=4, mining="per_image")
     assert keep.sum(1).tolist() == [4, 4]
     assert keep[0].nonzero().flatten().tolist() == [10, 11, 12, 13]
@@ -422,7 +496,9 @@ def test_mined_negatives_from_logits_and_their_gradients():
     gt_labels = torch.tensor([[2]])
     anchors = random_anchors(a)
     deltas = torch.zeros(1, a, 4)
-    out = multibox_loss(logits, deltas, matches, gt_boxes, gt_labels, anchors, BoxCoder())
+    out = multibox_loss(
+        logits, deltas, matches, gt_boxes, gt_labels, anchors, BoxCoder(), n_neg_min=0
+    )
     out["loss"].backward()
     touched = (logits.grad.abs().sum(-1) > 0)[0].nonzero().flatten().tolist()
     assert touched == [0, 1, 7, 8, 9, 10, 11, 12]  # positives + the 6 hardest negatives
@@ -467,7 +543,7 @@ def _reference_multibox(
         if mining == "per_image"
         else [[(i, j) for i in range(b) for j in range(a)]]
     )
-    cls, loc, total_pos = 0.0, 0.0, 0
+    cls, loc, total_pos, total_neg = 0.0, 0.0, 0, 0
     for anchors_of_group in groups:
         pos = [(i, j) for i, j in anchors_of_group if matches[i, j] >= 0]
         negs = [(i, j) for i, j in anchors_of_group if matches[i, j] == -1 and ce[i, j] > 0]
@@ -475,6 +551,7 @@ def _reference_multibox(
         negs.sort(key=lambda ij: -float(ce[ij]))
         cls += sum(float(ce[ij]) for ij in pos) + sum(float(ce[ij]) for ij in negs[:budget])
         total_pos += len(pos)
+        total_neg += budget
         for i, j in pos:
             x1, y1, x2, y2 = (float(v) for v in gt_boxes[i, int(matches[i, j])])
             gcx, gcy, gw, gh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
@@ -486,7 +563,7 @@ def _reference_multibox(
                 math.log(gh / ah) / variances[3],
             ]
             loc += sum(_smooth_l1(float(deltas[i, j, c]) - target[c]) for c in range(4))
-    n = max(1, total_pos)
+    n = max(1, total_pos, total_neg / ratio if ratio > 0 else 0)
     return (cls + alpha * loc) / n, cls / n, loc / n
 
 
@@ -497,6 +574,8 @@ def _reference_multibox(
         ("per_batch", 3.0, 0, 1.0),
         ("per_image", 2.5, 4, 0.7),
         ("per_batch", 1.0, 20, 2.0),
+        ("per_image", 0.5, 20, 1.0),  # negatives / ratio > positives: they set N
+        ("per_image", 0.0, 5, 1.0),
     ],
 )
 def test_multibox_equals_naive_loop(mining, ratio, n_neg_min, alpha):
@@ -556,36 +635,98 @@ BOX_TERMS = {
 }
 
 
+def shipped(name: str) -> DetectionHead:
+    """A head built with the options of its shipped config, conf/head/<name>.yaml (only
+    the layer widths made small)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).parents[1] / "conf" / "head" / f"{name}.yaml"
+    spec = OmegaConf.to_container(OmegaConf.load(path))
+    assert spec.pop("name") == name
+    return build(name, **{**spec, **SMALL.get(name, {})})
+
+
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_images_without_objects(name):
-    head = build(name)
-    out = head(features())
+    """Under the shipped config an image without objects teaches the background: its
+    class logits get a gradient, beside an image with objects and in a batch of empty
+    images alone; it adds no localisation loss."""
+    torch.manual_seed(0)
+    head = shipped(name)
+    with torch.no_grad():
+        out = head(features())
     a = out["cls_logits"].shape[1]
-    anchors = random_anchors(a)
+    anchors = yolo_grid()(SIZES) if name == "yolo" else random_anchors(a)
+
+    def loss_and_grad(matches, gt_boxes, gt_labels):
+        logits = out["cls_logits"].detach().requires_grad_(True)
+        losses = head.loss({**out, "cls_logits": logits}, matches, gt_boxes, gt_labels, anchors)
+        assert all(torch.isfinite(v) for v in losses.values())
+        losses["loss"].backward()
+        return losses, logits.grad
+
     for g in (0, 2):  # no gt slot at all, or padding only
         gt_boxes = torch.zeros(2, g, 4)
         gt_labels = torch.zeros(2, g, dtype=torch.long)
         matches = SSDMatcher()(gt_boxes, torch.zeros(2, g, dtype=torch.bool), anchors)
         assert (matches == BACKGROUND).all()
-        losses = head.loss(out, matches, gt_boxes, gt_labels, anchors)
-        assert all(torch.isfinite(v) for v in losses.values())
+        losses, grad = loss_and_grad(matches, gt_boxes, gt_labels)
         for term in BOX_TERMS[name]:
             assert losses[term] == 0
-        head.zero_grad()
-        losses["loss"].backward(retain_graph=True)
-        assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
-    # one image with objects, one without: the empty one adds no localisation loss
+        assert (grad.abs().sum(dim=(1, 2)) > 0).all()  # every empty image teaches
+    # one image with objects, one without
     gt_boxes, gt_labels, matches = random_targets(2, a, seed=1)  # image 1 has one gt
     gt_boxes[1], gt_labels[1] = 0.0, 0
-    matches[1] = torch.where(matches[1] >= 0, BACKGROUND, matches[1])
-    both = head.loss(out, matches, gt_boxes, gt_labels, anchors)
-    first = {k: v[:1] for k, v in out.items() if k != "cell_wh"} | (
-        {"cell_wh": out["cell_wh"]} if "cell_wh" in out else {}
-    )
+    matches[1] = BACKGROUND
+    both, grad = loss_and_grad(matches, gt_boxes, gt_labels)
+    assert grad[1].abs().sum() > 0
+    first = {k: v[:1] for k, v in out.items()}
     alone = head.loss(first, matches[:1], gt_boxes[:1], gt_labels[:1], anchors)
-    for term in BOX_TERMS[name]:
-        scale = 0.5 if name == "yolo" else 1.0  # yolo divides by the batch size
-        torch.testing.assert_close(both[term], alone[term] * scale)
+    for term in BOX_TERMS[name]:  # the empty image adds no localisation loss
+        if name == "yolo":  # yolo divides by the batch size
+            torch.testing.assert_close(both[term], alone[term] * 0.5)
+        else:  # the others by N, which the empty image's negatives may raise
+            assert both[term] <= alone[term] * (1 + 1e-6) and (both[term] > 0) == (alone[term] > 0)
+
+
+@pytest.mark.parametrize("name", ["ssd", "ssdlite"])
+def test_shipped_mining_defaults_are_the_losses_defaults(name):
+    from ssdlit.heads.losses import MINING, N_NEG_MIN, NEG_POS_RATIO
+
+    criterion = shipped(name).criterion
+    assert (criterion.neg_pos_ratio, criterion.n_neg_min, criterion.mining) == (
+        NEG_POS_RATIO,
+        N_NEG_MIN,
+        MINING,
+    )
+    default = build(name).criterion
+    assert (default.neg_pos_ratio, default.n_neg_min, default.mining) == (
+        NEG_POS_RATIO,
+        N_NEG_MIN,
+        MINING,
+    )
+    assert N_NEG_MIN > 0 and MINING == "per_image"
+
+
+def test_empty_images_keep_their_hardest_negatives_at_the_scale_of_a_positive():
+    """Two empty images under the defaults: each keeps its N_NEG_MIN hardest negatives,
+    and the sum is divided by N = 2 * N_NEG_MIN / 3, not by 1."""
+    from ssdlit.heads.losses import N_NEG_MIN
+
+    head = shipped("ssd")
+    out = head(features())
+    a = out["cls_logits"].shape[1]
+    matches = torch.full((2, a), BACKGROUND)
+    empty = torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long)
+    losses = head.loss(out, matches, *empty, random_anchors(a))
+    ce = F.cross_entropy(
+        out["cls_logits"].detach().reshape(-1, C + 1), torch.zeros(2 * a, dtype=torch.long),
+        reduction="none",
+    ).reshape(2, a)  # fmt: skip
+    top = ce.topk(N_NEG_MIN, dim=1).values.sum()
+    torch.testing.assert_close(losses["loss_cls"], top / (2 * N_NEG_MIN / 3))
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
@@ -669,7 +810,8 @@ def test_yolo_loss_by_hand():
     )
     t = torch.tensor([[[0.0, 0.0, 0.0, 0.0]] * 4])
     logits = torch.zeros(1, 4, 1 + C)
-    out = {"cls_logits": logits, "box_deltas": t, "cell_wh": torch.full((4, 2), 0.5)}
+    head.bind_anchor_grid(torch.cat((anchors[:, :2], torch.full((4, 2), 0.5)), dim=1))
+    out = {"cls_logits": logits, "box_deltas": t}
     gt_boxes = torch.tensor([[[0.6, 0.6, 1.0, 1.0]]])  # centre (0.8, 0.8), 0.4 x 0.4
     gt_labels = torch.tensor([[1]])
     matches = torch.tensor([[BACKGROUND, IGNORE, BACKGROUND, 0]])
@@ -752,6 +894,7 @@ def overfit(name: str, steps: int = 60, seed: int = 0) -> list[float]:
     gt_boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.4, 0.9, 0.9], [0.6, 0.05, 0.75, 0.3]]])
     gt_labels = torch.tensor([[1, 2, 3]])
     anchors = gen([(16, 16), (8, 8)])
+    head.bind_anchor_grid(gen.cells([(16, 16), (8, 8)]))  # as a Detector does
     matches = matcher(gt_boxes, torch.ones(1, 3, dtype=torch.bool), anchors)
     assert (matches >= 0).any()
     params = [*backbone.parameters(), *head.parameters()]

@@ -62,3 +62,32 @@ def test_draw_records_writes_pictures(tmp_path):
 
     pixels = np.asarray(Image.open(paths[0]))
     assert (pixels[10, 30] != 40).any()  # the box outline was drawn over the grey background
+
+
+def test_inspect_decodes_every_image_by_default(tmp_path):
+    # A JPEG whose header reads but whose data does not: only decoding finds it, and the
+    # training run would hit it, so inspect reports it without being asked.
+    from hydra import compose, initialize_config_module
+
+    from ssdlit.inspect import inspect_data
+    from tests.data_builders import add_flat_item, corrupt_jpeg, flat_dataset
+
+    root = flat_dataset(tmp_path / "data")
+    add_flat_item(root, "broken", [{"name": "cat", "box": (1, 1, 5, 5)}], image=False)
+    corrupt_jpeg(root / "images" / "broken.jpg")
+    overrides = [
+        "data=voc",
+        f"data.root={root}",
+        "data.source.layout=flat",
+        "data.source.on_bad=skip",
+        "data.val=null",
+        f"+paths.output_dir={tmp_path / 'run'}",
+    ]
+    with initialize_config_module("ssdlit.conf", version_base="1.3"):
+        cfg = compose("inspect", overrides=overrides)
+    assert cfg.data.source.check_images == "decode"
+    results = inspect_data(cfg)
+    train = results["splits"]["train"]
+    assert train["problems"] == {"unreadable_image": 1} and train["images"] == 2
+    listed = (tmp_path / "run" / "bad_records_train.jsonl").read_text()
+    assert "broken.jpg" in listed

@@ -247,10 +247,10 @@ def _hard_batch(rng, b, max_g, snapped):
     [("multi", 0.5, 0.3), ("bipartite", 0.5, 0.4), ("multi", 0.5, None), ("bipartite", 0.5, None)],
 )
 def test_sparse_path_equals_dense_path(dtype, matching, pos, neg):
-    from ssdlit.anchors.matchers import anchor_overlaps
+    from ssdlit.anchors.matchers import AnchorOverlaps
 
     anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS, dtype=dtype)
-    assert anchor_overlaps(anchors).sparse
+    assert AnchorOverlaps(anchors).sparse
     rng = np.random.default_rng(7)
     matcher = SSDMatcher(matching=matching, pos_iou_threshold=pos, neg_iou_limit=neg)
     for trial in range(8):
@@ -259,7 +259,7 @@ def test_sparse_path_equals_dense_path(dtype, matching, pos, neg):
         sparse = matcher(boxes, mask, anchors)
         dense = torch.full_like(sparse, BACKGROUND)
         img, slot = mask.nonzero(as_tuple=True)
-        matcher._match_dense(dense, boxes[img, slot], img, slot, anchor_overlaps(anchors))
+        matcher._match_dense(dense, boxes[img, slot], img, slot, AnchorOverlaps(anchors))
         assert torch.equal(sparse, dense), f"trial {trial}"
         assert (sparse >= 0).sum() >= mask.sum()  # every real gt has its anchor
 
@@ -270,13 +270,13 @@ def test_sparse_path_equals_dense_path(dtype, matching, pos, neg):
     st.sampled_from([0.1, 0.3, 0.5, 0.7]),
 )
 def test_pairs_above_threshold_are_exactly_the_dense_ones(raw, threshold):
-    from ssdlit.anchors.matchers import anchor_overlaps
+    from ssdlit.anchors.matchers import AnchorOverlaps
 
     anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS)
     boxes = torch.tensor(
         [[min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)] for x1, y1, x2, y2 in raw]
     )
-    overlaps = anchor_overlaps(anchors)
+    overlaps = AnchorOverlaps(anchors)
     rows, anchor, iou = overlaps.above(boxes, threshold)
     dense = overlaps(boxes[None])[0]
     expected = (dense >= threshold).nonzero()
@@ -339,3 +339,18 @@ def test_greedy_rounds_equal_one_pair_per_step(g):
     ours = greedy_bipartite(iou)
     for i in range(3):
         assert ours[i].tolist() == _sequential_greedy(iou[i]).tolist(), f"image {i}"
+
+
+@pytest.mark.parametrize("matcher", [SSDMatcher(), FasterRCNNMatcher(), YOLOv3Matcher()], ids=repr)
+def test_matchers_take_the_anchors_tables_or_the_anchors(matcher):
+    from ssdlit.anchors.matchers import AnchorOverlaps
+
+    anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS)
+    boxes, mask = _hard_batch(np.random.default_rng(3), 4, 6, snapped=False)
+    expected = matcher(boxes, mask, anchors)
+    assert torch.equal(matcher(boxes, mask, AnchorOverlaps(anchors)), expected)
+    # tables of another dtype are rebuilt from their anchors, not used as they are
+    assert torch.equal(matcher(boxes, mask, AnchorOverlaps(anchors.double())), expected)
+    matches, positives = matcher.match_positives(boxes, mask, AnchorOverlaps(anchors))
+    assert torch.equal(matches, expected)
+    assert torch.equal(positives, (expected.view(-1) >= 0).nonzero().squeeze(1))

@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from ssdlit.metrics import VOCMeanAP, average_precision
+from ssdlit.metrics import VOCMeanAP, average_precision, voc_iou
 
 
-def devkit_loop(dets, gts, cls, thr=0.5, use_07=True, inclusive=True):
-    """VOCevaldet + VOCap for one class, written as the MATLAB loops (with a strict '>')."""
+def devkit_loop(dets, gts, cls, thr=0.5, use_07=True, inclusive=True, strict=False):
+    """VOCevaldet + VOCap for one class, written as the MATLAB loops.
+
+    A detection is a hit when ``ovmax >= VOCopts.minoverlap`` (VOCevaldet.m); ``strict``
+    uses py-faster-rcnn's ``ovmax > ovthresh`` instead.
+    """
     one = 1.0 if inclusive else 0.0
     rows = [
         (i, s, b)
@@ -44,7 +48,7 @@ def devkit_loop(dets, gts, cls, thr=0.5, use_07=True, inclusive=True):
                 if ov > ovmax:
                     ovmax, jmax = ov, j
         t = f = 0
-        if ovmax > thr:
+        if (ovmax > thr) if strict else (ovmax >= thr):
             if not gts[i].get("difficult", [False] * 99)[jmax]:
                 if not detected[(i, jmax)]:
                     t = 1
@@ -110,26 +114,62 @@ def test_hand_computed_single_class():
         assert devkit_loop(dets, gts, 1, use_07=use_07) == pytest.approx(expected, abs=1e-12)
 
 
-def test_iou_exactly_at_threshold_is_not_a_hit():
-    # Inclusive widths: gt 10x10 px = [0,0,9,9]; det [0,0,9,19] -> 10x20, inter 100, union 200.
-    gts = [{"boxes": torch.tensor([[0.0, 0, 9, 9]]), "labels": torch.tensor([1])}]
+def one_box_case(det_box, gt_box):
+    gts = [{"boxes": torch.tensor([gt_box], dtype=torch.float64), "labels": torch.tensor([1])}]
     dets = [
         {
-            "boxes": torch.tensor([[0.0, 0, 9, 19]]),
+            "boxes": torch.tensor([det_box], dtype=torch.float64),
             "scores": torch.tensor([0.9]),
             "labels": torch.tensor([1]),
         }
     ]
-    m = VOCMeanAP(iou_threshold=0.5)
+    return dets, gts
+
+
+def voc_map(dets, gts, **options):
+    m = VOCMeanAP(**options)
     m.update(dets, gts)
-    assert m.compute()["map"].item() == 0.0
-    m2 = VOCMeanAP(iou_threshold=0.49)
-    m2.update(dets, gts)
-    assert m2.compute()["map"].item() == pytest.approx(1.0)
-    # Continuous IoU of the same boxes: 81 / 171 < 0.49.
-    m3 = VOCMeanAP(iou_threshold=0.49, pixel_inclusive=False)
-    m3.update(dets, gts)
-    assert m3.compute()["map"].item() == 0.0
+    return m.compute()["map"].item()
+
+
+def test_iou_exactly_at_threshold_is_a_hit_as_in_the_devkit():
+    # Pixel-inclusive (the devkit's +1): gt [0,0,9,9] is 10x10 px, det [0,0,9,19] 10x20 px,
+    # intersection 100, union 200: IoU exactly 0.5 in floating point.
+    dets, gts = one_box_case([0.0, 0, 9, 19], [0.0, 0, 9, 9])
+    iou = voc_iou(dets[0]["boxes"], gts[0]["boxes"], pixel_inclusive=True)
+    assert iou.item() == 0.5
+    # VOCevaldet.m: ovmax >= minoverlap -> a true positive; AP 1.
+    assert voc_map(dets, gts, iou_threshold=0.5) == pytest.approx(1.0, abs=1e-12)
+    assert voc_map(dets, gts, iou_threshold=0.5, iou_rule="devkit") == pytest.approx(1.0, abs=1e-12)
+    # py-faster-rcnn's voc_eval (ovmax > ovthresh): not a hit.
+    assert voc_map(dets, gts, iou_threshold=0.5, iou_rule="strict") == 0.0
+    # The loop restatement agrees both ways.
+    plain = [{k: v.tolist() for k, v in d.items()} for d in dets]
+    plain_gts = [{k: v.tolist() for k, v in g.items()} for g in gts]
+    assert devkit_loop(plain, plain_gts, 1) == pytest.approx(1.0, abs=1e-12)
+    assert devkit_loop(plain, plain_gts, 1, strict=True) == 0.0
+    # Just above the IoU: no hit under either rule.
+    assert voc_map(dets, gts, iou_threshold=0.51) == 0.0
+    # Continuous IoU of the same boxes is 81 / 171 < 0.49; without the +1 the boxes
+    # [0,0,10,10] and [0,0,10,20] have IoU exactly 0.5 again.
+    assert voc_map(dets, gts, iou_threshold=0.49, pixel_inclusive=False) == 0.0
+    dets, gts = one_box_case([0.0, 0, 10, 20], [0.0, 0, 10, 10])
+    assert voc_iou(dets[0]["boxes"], gts[0]["boxes"], pixel_inclusive=False).item() == 0.5
+    assert voc_map(dets, gts, pixel_inclusive=False) == pytest.approx(1.0, abs=1e-12)
+    assert voc_map(dets, gts, pixel_inclusive=False, iou_rule="strict") == 0.0
+
+
+def test_no_overlap_is_never_a_hit_even_at_threshold_zero():
+    # The devkit's ovmax stays -inf without an overlapping gt, so even minoverlap 0 misses.
+    dets, gts = one_box_case([50.0, 50, 60, 60], [0.0, 0, 9, 9])
+    assert voc_map(dets, gts, iou_threshold=0.0) == 0.0
+    dets, gts = one_box_case([5.0, 5, 60, 60], [0.0, 0, 9, 9])
+    assert voc_map(dets, gts, iou_threshold=0.0) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_unknown_iou_rule_is_refused():
+    with pytest.raises(ValueError, match="iou_rule"):
+        VOCMeanAP(iou_rule=">=")
 
 
 def random_case(rng, n_img, n_cls):
@@ -149,7 +189,12 @@ def random_case(rng, n_img, n_cls):
         base = np.concatenate([xy, xy + wh], 1) if g else np.zeros((0, 4))
         boxes = []
         for _k in range(d):
-            if g and rng.uniform() < 0.7:
+            u = rng.uniform()
+            if g and u < 0.25:
+                # IoU exactly 0.5 with a gt (pixel-inclusive): same box, twice the height.
+                x1, y1, x2, y2 = base[int(rng.integers(0, g))]
+                b = np.array([x1, y1, x2, y1 + 2 * (y2 - y1 + 1) - 1])
+            elif g and u < 0.7:
                 b = base[int(rng.integers(0, g))] + rng.normal(0, 3, 4).round()
             else:
                 p = rng.uniform(0, 80, 2).round()
@@ -167,10 +212,11 @@ def random_case(rng, n_img, n_cls):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("use_07", [True, False])
-def test_equals_devkit_loop_on_random_cases(seed, use_07):
+@pytest.mark.parametrize("rule", ["devkit", "strict"])
+def test_equals_devkit_loop_on_random_cases(seed, use_07, rule):
     rng = np.random.default_rng(seed)
     dets, gts = random_case(rng, 12, 3)
-    m = VOCMeanAP(iou_threshold=0.5, use_07_metric=use_07)
+    m = VOCMeanAP(iou_threshold=0.5, use_07_metric=use_07, iou_rule=rule)
     # in two updates, as validation batches would come
     m.update(as_tensors(dets[:5]), as_tensors(gts[:5]))
     m.update(as_tensors(dets[5:]), as_tensors(gts[5:]))
@@ -186,7 +232,7 @@ def test_equals_devkit_loop_on_random_cases(seed, use_07):
         if npos == 0:
             assert math.isnan(res["ap_per_class"][c].item()) or c >= len(res["ap_per_class"])
             continue
-        ap = devkit_loop(dets, gts, c, use_07=use_07)
+        ap = devkit_loop(dets, gts, c, use_07=use_07, strict=rule == "strict")
         assert res["ap_per_class"][c].item() == pytest.approx(ap, abs=1e-12), c
         expected.append(ap)
     assert res["map"].item() == pytest.approx(float(np.mean(expected)), abs=1e-12)
@@ -215,3 +261,30 @@ def test_empty_inputs():
     assert res["map"].item() == 0.0 and torch.atleast_1d(
         torch.as_tensor(res["classes"])
     ).tolist() == [2]
+
+
+@pytest.mark.parametrize("config_name", ["train", "evaluate"])
+def test_iou_rule_reaches_the_evaluators_from_the_config(config_name):
+    from hydra import compose, initialize_config_module
+
+    from ssdlit.module import DetectionModule, plain
+
+    with initialize_config_module("ssdlit.conf", version_base="1.3"):
+        cfg = compose(config_name, overrides=["metrics.iou_rule=strict"])
+        default = compose(config_name)
+    assert default.metrics.iou_rule == "devkit"
+    module = DetectionModule(
+        class_names=["a"],
+        image_size=[96, 96],
+        backbone={"name": "ssd7", "widths": [4] * 7, "num_outputs": 4},
+        anchors={"name": "ssd", "scales": [0.1, 0.2, 0.4, 0.6, 0.9], "aspect_ratios": [1.0]},
+        head={"name": "ssd"},
+        matcher={"name": "ssd"},
+        metrics=plain(cfg.metrics),
+    )
+    # Pixel-exact IoU 0.5 in the evaluator's continuous convention: a miss under "strict".
+    dets, gts = one_box_case([0.0, 0, 10, 20], [0.0, 0, 10, 10])
+    for evaluator in (module.val_evaluator, module.test_evaluator):
+        assert evaluator.voc07.iou_rule == evaluator.voc.iou_rule == "strict"
+        evaluator.update(dets, gts)
+        assert evaluator.compute()["summary"]["voc_map50"] == 0.0

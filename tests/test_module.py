@@ -301,12 +301,12 @@ def test_evaluator_perfect_and_difficult_ignored():
 
 
 def test_voc_metrics_use_continuous_iou():
-    # Continuous IoU 100 / 200 = 0.5 (not above the threshold: a miss); with the devkit's +1
-    # it would be 121 / 231 = 0.52 (a hit). Our boxes are continuous, so it must miss.
+    # Continuous IoU 100 / 210 = 0.476 (below the threshold: a miss); with the devkit's +1
+    # it would be 121 / 242 = 0.5 (a hit). Our boxes are continuous, so it must miss.
     ev = DetectionEvaluator(["a"], coco=False)
     gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}
     pred = {
-        "boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0]]),
+        "boxes": torch.tensor([[0.0, 0.0, 10.0, 21.0]]),
         "scores": torch.tensor([1.0]),
         "labels": torch.tensor([1]),
     }

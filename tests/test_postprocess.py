@@ -78,6 +78,32 @@ def test_threshold_is_strict_and_suppression_is_strict():
     assert kept_05[0].tolist() == [1.0, 0.9, 0.0, 0.0, 3.0, 1.0]
 
 
+def test_score_equal_to_the_threshold():
+    # ssd_keras: decode_detections_fast keeps best-class scores >= confidence_thresh;
+    # decode_detections (Caffe's DetectionOutput) keeps class scores > confidence_thresh.
+    boxes = torch.tensor(
+        [[[0.0, 0.0, 0.2, 0.2], [0.5, 0.5, 0.7, 0.7], [0.1, 0.6, 0.3, 0.9]]], dtype=torch.float64
+    )
+    scores = torch.tensor(
+        [[[0.25, 0.75, 0.0], [0.25, 0.5, 0.25], [0.5, 0.25, 0.25]]], dtype=torch.float64
+    )
+    fast = GlobalNMS(confidence_thresh=0.5)(scores, boxes)[0]
+    assert fast[:, :2].tolist() == [[1.0, 0.75], [1.0, 0.5]]  # 0.5 == thresh is kept
+    assert (
+        fast.tolist() == decode_detections_fast(scores[0].numpy(), boxes[0].numpy(), 0.5).tolist()
+    )
+    # The box whose best class is the background never passes, even at threshold 0.
+    zero = GlobalNMS(confidence_thresh=0.0)(scores, boxes)[0]
+    assert zero[:, 1].tolist() == [0.75, 0.5]
+    # The traced (export) path keeps the same boxes.
+    assert GlobalNMS(confidence_thresh=0.5).flat(scores, boxes)[:, 2].tolist() == [0.75, 0.5]
+    per_class = PerClassNMS(confidence_thresh=0.5)(scores, boxes)[0]
+    assert per_class[:, :2].tolist() == [[1.0, 0.75]]  # 0.5 is not strictly above 0.5
+    assert (
+        per_class.tolist() == decode_detections(scores[0].numpy(), boxes[0].numpy(), 0.5).tolist()
+    )
+
+
 def test_pixels_empty_and_registry():
     scores = torch.zeros(2, 10, 3)
     scores[..., 0] = 1.0

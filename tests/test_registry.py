@@ -60,7 +60,7 @@ def test_unknown_name_lists_known_and_closest():
 def test_one_registry_per_component_kind():
     regs = [BACKBONES, ANCHORS, MATCHERS, HEADS, POSTPROCESS, DATASETS]
     assert len({id(r) for r in regs}) == 6
-    assert {"ssd", "ssd_caffe", "retina", "yolo"} <= set(ANCHORS.names())
+    assert {"ssd", "ssd_caffe", "retina", "yolo", "d2l"} <= set(ANCHORS.names())
 
 
 PLUGIN = '''

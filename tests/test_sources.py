@@ -293,6 +293,15 @@ def test_coco_small_json(tmp_path: Path):
         annotation_file=path, images_dir=tmp_path / "img", keep_images_without_gt=False
     )
     assert [r.image_id for r in only_gt.records] == ["10"]
+    # data.class_names reaches COCO too: the categories' names, in the label order wanted.
+    ordered = COCOSource(
+        annotation_file=path, images_dir=tmp_path / "img", class_names=["zebra", "car", "person"]
+    )
+    assert ordered.class_names == ["zebra", "car", "person"] and ordered.category_ids == [7, 3, 1]
+    np.testing.assert_array_equal(ordered.records[0].labels, [2, 1, 3])
+    with pytest.raises(DataError, match=r"data\.class_names .*zebra") as info:
+        COCOSource(annotation_file=path, images_dir=tmp_path / "img", class_names=["car"])
+    assert "instances.json" in str(info.value)
 
 
 def test_coco_bad_categories_raise(tmp_path: Path):
@@ -339,3 +348,127 @@ def test_record_contract():
     assert rec.same_annotation(other)
     with pytest.raises(ValueError, match="differ in length"):
         Record(path="a.jpg", width=4, height=3, boxes=[[0, 0, 1, 1]], labels=[], image_id="a")
+
+
+# ---------------------------------------------------------------------------------------
+# A VOC folder of your own; one key for the class names of every source (data.class_names).
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("ssdlit.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def _own_voc_folder(root: Path, images: str = "JPEGs", annotations: str = "xml") -> Path:
+    for stem, name in (("p1", "dog"), ("p2", "cat"), ("p3", "dog")):
+        write_image(root / images / f"{stem}.jpg", 40, 30)
+        (root / annotations).mkdir(parents=True, exist_ok=True)
+        xml = voc_xml(f"{stem}.jpg", 40, 30, [{"name": f" {name}", "box": (2, 2, 20, 20)}])
+        (root / annotations / f"{stem}.xml").write_text(xml)
+    return root
+
+
+def test_flat_voc_folder_takes_its_classes_from_the_xml_files(tmp_path: Path):
+    root = _own_voc_folder(tmp_path / "mine")
+    src = VOCSource(root=root, images_dir="JPEGs", annotations_dir="xml")
+    assert src.class_names == ["cat", "dog"]
+    np.testing.assert_array_equal([r.labels[0] for r in src.records], [2, 1, 2])
+    # Through the config the app composes, with no class configured anywhere.
+    from ssdlit.training.builders import build_datamodule
+
+    cfg = _compose(
+        [
+            "data=voc",
+            f"data.root={root}",
+            "data.source.layout=flat",
+            "+data.source.images_dir=JPEGs",
+            "+data.source.annotations_dir=xml",
+            "data.val=null",
+            "data.num_workers=0",
+        ]
+    )
+    assert cfg.data.class_names is None
+    dm = build_datamodule(cfg.data, cfg.augment, cfg.image_size)
+    assert dm.class_names == ["cat", "dog"]
+
+
+def test_devkit_keeps_the_twenty_classes_and_unknown_class_names_the_key(devkit: Path):
+    from ssdlit.training.builders import build_datamodule
+
+    cfg = _compose(["data=voc", f"data.root={devkit}", "data.num_workers=0"])
+    cfg.data.train.splits = [["2007", "trainval"]]
+    cfg.data.val.splits = [["2007", "test"]]
+    dm = build_datamodule(cfg.data, cfg.augment, cfg.image_size)
+    assert dm.class_names == list(VOC_CLASSES)
+    (devkit / "VOC2007" / "Annotations" / "000002.xml").write_text(
+        voc_xml("000002.jpg", 40, 30, [{"name": "raccoon", "box": (2, 3, 12, 13)}])
+    )
+    with pytest.raises(DataError, match="raccoon") as info:
+        build_datamodule(cfg.data, cfg.augment, cfg.image_size)
+    assert "data.class_names" in str(info.value)
+    cfg.data.class_names = ["raccoon", "dog", "cat", "person"]  # the key the message names
+    dm = build_datamodule(cfg.data, cfg.augment, cfg.image_size)
+    assert dm.class_names == ["raccoon", "dog", "cat", "person"]
+    assert [list(r.labels) for r in dm.dataset("val").records] == [[1]]
+
+
+def test_ssd7_csv_documented_override_for_ssd_keras_csvs(tmp_path: Path):
+    # The command conf/experiment/ssd7_csv.yaml documents for ssd_keras's CSVs.
+    from ssdlit.training.builders import build_datamodule
+
+    write_image(tmp_path / "images" / "a.jpg", 40, 30)
+    write_image(tmp_path / "images" / "b.jpg", 40, 30)
+    header = ["image_name", "xmin", "xmax", "ymin", "ymax", "class_id"]
+    train = write_csv(tmp_path / "train.csv", header, [["a.jpg", 1, 11, 2, 12, 5]])
+    val = write_csv(tmp_path / "val.csv", header, [["b.jpg", 1, 11, 2, 12, 2]])
+    experiment = (Path(__file__).parents[1] / "conf/experiment/ssd7_csv.yaml").read_text()
+    assert "'data.class_names=[car,truck,pedestrian,bicyclist,light]'" in experiment
+    cfg = _compose(
+        [
+            "+experiment=ssd7_csv",
+            f"data.train_csv={train}",
+            f"data.val_csv={val}",
+            f"data.images_dir={tmp_path / 'images'}",
+            "data.source.columns.image=image_name",
+            "data.source.columns.class=class_id",
+            "data.source.columns.width=null",
+            "data.source.columns.height=null",
+            "data.source.class_format=id",
+            "data.class_names=[car,truck,pedestrian,bicyclist,light]",
+            "data.num_workers=0",
+        ]
+    )
+    dm = build_datamodule(cfg.data, cfg.augment, cfg.image_size)
+    assert dm.class_names == ["car", "truck", "pedestrian", "bicyclist", "light"]
+    assert [int(r.labels[0]) for r in dm.dataset("train").records] == [5]
+    assert [int(r.labels[0]) for r in dm.dataset("val").records] == [2]
+
+
+def test_class_names_have_one_key(tmp_path: Path):
+    from ssdlit.cli import UsageError
+    from ssdlit.training.builders import build_datamodule
+
+    root = _own_voc_folder(tmp_path / "mine", "images", "annotations")
+    data = {"source": {"name": "voc", "root": str(root)}, "train": {}, "num_workers": 0}
+    dm = build_datamodule({**data, "class_names": ["dog", "cat"]}, None, 32)
+    assert dm.class_names == ["dog", "cat"]  # passed into the source: labels follow it
+    assert [int(r.labels[0]) for r in dm.dataset("train").records] == [1, 2, 1]
+    with pytest.raises(UsageError, match=r"data\.class_names"):
+        build_datamodule({**data, "source": {**data["source"], "classes": ["dog"]}}, None, 32)
+
+
+def test_splits_share_the_training_classes(tmp_path: Path):
+    # A val split without one of the classes still uses the training split's labels.
+    from ssdlit.training.builders import build_datamodule
+
+    write_image(tmp_path / "a.jpg", 40, 30)
+    header = ["filename", "class", "xmin", "ymin", "xmax", "ymax"]
+    train = write_csv(tmp_path / "t.csv", header, [["a.jpg", "cat", 1, 1, 9, 9],
+                                                   ["a.jpg", "dog", 2, 2, 9, 9]])  # fmt: skip
+    val = write_csv(tmp_path / "v.csv", header, [["a.jpg", "dog", 1, 1, 9, 9]])
+    data = {"source": {"name": "csv"}, "train": {"path": str(train)}, "val": {"path": str(val)}}
+    dm = build_datamodule(data, None, 32)
+    assert dm.class_names == ["cat", "dog"]
+    assert [int(r.labels[0]) for r in dm.dataset("val").records] == [2]

@@ -12,7 +12,10 @@ Usable without Lightning::
 
 Everything derivable is derived once: the feature sizes from one dry run of the
 backbone, the anchors from them (a non-persistent buffer), the head's input
-channels from the backbone and its anchors per location from the generator.
+channels from the backbone and its anchors per location from the generator. What
+the matcher derives from the anchors (:class:`~ssdlit.anchors.matchers.AnchorOverlaps`)
+belongs to the detector too: built with its anchors, rebuilt when the detector moves
+(``.to()``, ``.double()``) or its anchors change; never shared through a global cache.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ssdlit.anchors.matchers import AnchorOverlaps, Matcher
 from ssdlit.boxes import convert
 from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS
 
@@ -98,6 +102,15 @@ class Detector(nn.Module):
         self.feature_sizes = self._probe_feature_sizes()
         anchors = anchor_generator(self.feature_sizes)
         self.register_buffer("anchors", anchors, persistent=False)
+        bind = getattr(head, "bind_anchor_grid", None)
+        if bind is not None:  # each anchor's grid cell, from the generator that laid them out
+            bind(anchor_generator.cells(self.feature_sizes, anchors.device, anchors.dtype))
+        # The matcher's tables of these anchors, per dtype, and the tensor (kept alive)
+        # and version they were built from.
+        self._overlaps: dict[torch.dtype, AnchorOverlaps] = {}
+        self._overlaps_source: tuple[Tensor, int] | None = None
+        if matcher is not None:
+            self.anchor_overlaps()
 
     @classmethod
     def build(
@@ -153,6 +166,32 @@ class Detector(nn.Module):
             )
         return sizes
 
+    def anchor_overlaps(self, dtype: torch.dtype | None = None) -> AnchorOverlaps:
+        """The matcher's tables of :attr:`anchors` (in ``dtype``, default theirs).
+
+        Built from this detector's own anchors the first time they are asked for in a
+        dtype, and rebuilt whenever the anchors buffer is another tensor (after
+        ``.to()``, ``.double()``, an assignment) or was changed in place.
+        """
+        dtype = self.anchors.dtype if dtype is None else dtype
+        source = (self.anchors, self.anchors._version)
+        if (
+            self._overlaps_source is None
+            or self._overlaps_source[0] is not source[0]
+            or self._overlaps_source[1] != source[1]
+        ):
+            self._overlaps, self._overlaps_source = {}, source
+        found = self._overlaps.get(dtype)
+        if found is None:
+            found = self._overlaps[dtype] = AnchorOverlaps(self.anchors.detach().to(dtype))
+        return found
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves or casts the module; the anchors' tables are rebuilt for the new anchors."""
+        out = super()._apply(fn, recurse)
+        self._overlaps, self._overlaps_source = {}, None
+        return out
+
     def normalize(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` uint8 or float in 0..255 -> the backbone's normalised float input."""
         if images.shape[-2:] != self.image_size:
@@ -192,7 +231,10 @@ class Detector(nn.Module):
         """
         if self.matcher is None:
             raise RuntimeError("this Detector was built without a matcher; pass matcher=...")
-        matches = self.matcher(gt_boxes, gt_mask, self.anchors.to(gt_boxes.dtype))
+        anchors: Tensor | AnchorOverlaps = self.anchors
+        if isinstance(self.matcher, Matcher):  # the tables this detector owns
+            anchors = self.anchor_overlaps(gt_boxes.dtype)
+        matches = self.matcher(gt_boxes, gt_mask, anchors)
         return self.head.loss(outputs, matches, gt_boxes, gt_labels, self.anchors)
 
 

@@ -36,17 +36,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
+from ssdlit.cli import UsageError, checkpoint_path, hydra_app, load_module
 from ssdlit.datamodules import DataError, DetectionDataModule
 from ssdlit.detector import Detector, ExportWrapper
 from ssdlit.exporting import export_onnx, export_torchscript, load_torchscript, verify_onnx
 from ssdlit.module import plain
-from ssdlit.predict import UsageError, checkpoint_path, load_module, report_usage_errors
 from ssdlit.training.builders import build_source, split_specs
 from ssdlit.training.runs import limit_opencv_threads, run_dir, set_threads, write_json
 
@@ -71,7 +70,8 @@ class VerificationError(RuntimeError):
 
 def _val_spec(data: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str, str]:
     """``(source spec, "", data name)`` of ``data``'s val split, reading existing files
-    only, or ``(None, why not, data name)``."""
+    only, or ``(None, why not, data name)``. The spec may hold ``class_names`` for
+    :func:`~ssdlit.training.builders.build_source`'s argument of that name."""
     spec = split_specs(data).get("val")
     if spec is None:
         return None, "the data config has no val split", ""
@@ -99,13 +99,13 @@ def _val_spec(data: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str, str]
                 "root": str(root),
                 "splits": [split] if isinstance(split, str) else list(split),
                 "layout": "devkit",
-                "classes": manifest.get("classes"),
+                "class_names": manifest.get("classes"),
                 "on_bad": "skip",
             },
             "",
             kind,
         )
-    return spec, "", kind
+    return {**spec, "class_names": data.get("class_names")}, "", kind
 
 
 def sample_images(
@@ -127,7 +127,8 @@ def sample_images(
         try:
             spec, reason, kind = _val_spec(plain(data))
             if spec is not None:
-                source = build_source(spec)
+                class_names = spec.pop("class_names", None)
+                source = build_source(spec, class_names=class_names)
                 records = list(source.records)[: max(1, int(num_images))]
                 if records:
                     eval_aug = (plain(augment) or {}).get("eval", "val")
@@ -294,15 +295,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(config_path="pkg://ssdlit.conf", config_name="export", version_base="1.3")
+@hydra_app("ssdlit.export", "export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see the module docstring)."""
-    with report_usage_errors("ssdlit.export"):
-        try:
-            export(cfg)
-        except VerificationError as exc:
-            print(f"ssdlit.export: error: verification failed: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from exc
+    try:
+        export(cfg)
+    except VerificationError as exc:
+        print(f"ssdlit.export: verification failed: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from exc
 
 
 if __name__ == "__main__":

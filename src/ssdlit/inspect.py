@@ -30,15 +30,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
+from ssdlit.cli import UsageError, hydra_app
 from ssdlit.datamodules.records import Record
 from ssdlit.detector import Detector
 from ssdlit.inspection import coverage_report, dataset_statistics, draw_records
 from ssdlit.module import plain
-from ssdlit.predict import UsageError, report_usage_errors
-from ssdlit.training.builders import build_source, split_specs
+from ssdlit.training.builders import build_sources, split_specs
 from ssdlit.training.runs import limit_opencv_threads, run_dir, set_threads, write_json
 
 __all__ = ["build_anchors", "inspect_data", "main"]
@@ -95,9 +94,10 @@ def inspect_data(cfg: DictConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {"splits": {}}
     records: dict[str, list[Record]] = {}
-    class_names: list[str] | None = list(data["class_names"]) if data.get("class_names") else None
+    class_names: list[str] | None = None
+    sources = build_sources(data, tuple(specs))  # data.class_names reaches every source
     for split, spec in specs.items():
-        source = build_source(spec)
+        source = sources[split]
         names = class_names or list(source.class_names)
         class_names = names
         records[split] = list(source.records)
@@ -178,11 +178,10 @@ def inspect_data(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(config_path="pkg://ssdlit.conf", config_name="inspect", version_base="1.3")
+@hydra_app("ssdlit.inspect", "inspect")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see the module docstring)."""
-    with report_usage_errors("ssdlit.inspect"):
-        inspect_data(cfg)
+    inspect_data(cfg)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ class DetectionModule(pl.LightningModule):
         optim: ``{name: sgd|adamw, lr, momentum, weight_decay, no_decay_norm_and_bias,
             betas, scheduler: {name, warmup_steps, warmup_factor, milestones, gamma,
             min_factor}}`` (see conf/optim).
-        metrics: ``{iou_threshold: 0.5, coco: true, class_metrics: true}``.
+        metrics: ``{iou_threshold: 0.5, iou_rule: devkit, coco: true, class_metrics: true}``
+            (``iou_rule``: ``devkit`` counts IoU >= threshold, ``strict`` IoU > threshold).
         clip_boxes: clamp decoded boxes to the image before NMS.
         channels_last: keep the network's weights (and so its activations) in the NHWC
             memory format, which the CPU convolutions run fastest in.
@@ -145,6 +146,7 @@ class DetectionModule(pl.LightningModule):
         m = hparams["metrics"]
         evaluator_options = {
             "iou_threshold": float(m.get("iou_threshold", 0.5)),
+            "iou_rule": str(m.get("iou_rule", "devkit")),
             "coco": bool(m.get("coco", True)),
             "class_metrics": bool(m.get("class_metrics", True)),
         }

@@ -10,7 +10,9 @@ classes at once (torchvision ``batched_nms`` with image-and-class groups):
   ``nms_max_output_size`` survivors per class; then the ``top_k`` best of the image.
 - ``global`` (:class:`GlobalNMS`): ssd_keras ``decode_detections_fast``. Each box
   takes its best class over all K (boxes whose best class is the background are
-  dropped), the threshold, one class-agnostic NMS, then ``top_k``.
+  dropped), keeps it when that score is at least ``confidence_thresh`` (``>=``, as
+  ssd_keras's fast decoder; the per-class rule above is strict, as Caffe's), one
+  class-agnostic NMS, then ``top_k``.
 
 Early stop: only the ``top_k`` best survivors are kept, and a candidate's fate
 depends only on the candidates scored above it, so NMS runs on the best-scored
@@ -99,6 +101,10 @@ class _NMSBase(ABC):
     def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor | None]:
         """Flat candidate scores ``[B, N]`` and what :meth:`_locate` needs (or None)."""
 
+    def _passes(self, cand_scores: Tensor) -> Tensor:
+        """Which candidate scores pass the confidence threshold (bool, same shape)."""
+        return cand_scores > self.confidence_thresh
+
     @abstractmethod
     def _locate(
         self, img: Tensor, pos: Tensor, extra: Tensor | None, num_labels: int
@@ -127,7 +133,7 @@ class _NMSBase(ABC):
         b, n = cand_scores.shape
         num_labels = scores.shape[2]
         want = self.top_k if self.top_k is not None else n
-        passing = (cand_scores > self.confidence_thresh).sum(dim=1).cpu()  # [B]
+        passing = self._passes(cand_scores).sum(dim=1).cpu()  # [B]
         results: list[Tensor] = [cand_scores.new_zeros(0, 6)] * b
         todo = torch.arange(b)
         chunk = max(self.initial_chunk, 4 * want) if self.top_k is not None else n
@@ -171,11 +177,11 @@ class _NMSBase(ABC):
         """
         b = cs.shape[0]
         if k is None:  # every candidate above the threshold
-            img, pos = (cs > self.confidence_thresh).nonzero(as_tuple=True)  # [M] each
+            img, pos = self._passes(cs).nonzero(as_tuple=True)  # [M] each
             vals = cs[img, pos]
         else:
             vals, pos = cs.topk(k, dim=1)  # [B, k] best first
-            passing = vals > self.confidence_thresh  # [B, k]
+            passing = self._passes(vals)  # [B, k]
             img = torch.arange(b, device=cs.device)[:, None].expand(b, k)[passing]
             vals, pos = vals[passing], pos[passing]
         box_idx, labels = self._locate(img, pos, extra, num_labels)
@@ -206,7 +212,8 @@ class PerClassNMS(_NMSBase):
     """Per-class NMS as Caffe SSD and ssd_keras's ``decode_detections``.
 
     Args:
-        confidence_thresh: a class score must be strictly above it (0.01).
+        confidence_thresh: a class score must be strictly above it (0.01), as Caffe's
+            ``DetectionOutput`` and ssd_keras's ``decode_detections``.
         iou_threshold: suppress when IoU with a kept box of the class is above it (0.45).
         top_k: best detections kept per image after NMS (200; None keeps all).
         nms_max_output_size: survivors kept per class and image (400; None: no cap).
@@ -248,8 +255,9 @@ class GlobalNMS(_NMSBase):
     """Class-agnostic NMS as ssd_keras's ``decode_detections_fast``.
 
     Each box keeps only its best class over all K; boxes whose best class is the
-    background are dropped; the rest above ``confidence_thresh`` go through one NMS.
-    No per-class cap by default (``nms_max_output_size=None``).
+    background are dropped; the rest whose score is at least ``confidence_thresh``
+    (``>=``, as ssd_keras) go through one NMS. No per-class cap by default
+    (``nms_max_output_size=None``).
     """
 
     def __init__(
@@ -266,8 +274,11 @@ class GlobalNMS(_NMSBase):
 
     def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor | None]:
         best, label = scores.max(dim=2)  # [B, A]
-        best = best.masked_fill(label == 0, 0.0)  # background winners never pass (> thresh >= 0)
+        best = best.masked_fill(label == 0, -1.0)  # background winners never pass (thresh >= 0)
         return best, label
+
+    def _passes(self, cand_scores: Tensor) -> Tensor:
+        return cand_scores >= self.confidence_thresh
 
     def _locate(
         self, img: Tensor, pos: Tensor, extra: Tensor | None, num_labels: int

@@ -21,27 +21,24 @@ Examples::
     python -m ssdlit.predict ckpt=best.ckpt 'input=photos/**/*.jpg'
 
 A missing checkpoint or an input that names no image ends the run with a one-line
-message and exit status 2 (:class:`UsageError`).
+message and exit status 2 (:class:`~ssdlit.cli.UsageError`, :mod:`ssdlit.cli`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import pickle
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from ssdlit.datamodules import DataError, DetectionDataModule, Record, to_original_pixels
+from ssdlit.cli import UsageError, checkpoint_path, hydra_app, load_module
+from ssdlit.datamodules import DetectionDataModule, Record, to_original_pixels
 from ssdlit.datamodules.datamodule import predict_records
-from ssdlit.module import DetectionModule, plain
+from ssdlit.module import plain
 from ssdlit.training.runs import limit_opencv_threads, run_dir, set_threads, write_json
 from ssdlit.training.visualize import draw_detections, save_image
 
@@ -52,59 +49,11 @@ __all__ = [
     "load_module",
     "main",
     "predict",
-    "report_usage_errors",
     "resolve_device",
     "safe_name",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(Exception):
-    """What the user asked for cannot be done: a missing file, a pattern matching nothing.
-
-    The apps print it as one line (no traceback) and exit with status 2
-    (:func:`report_usage_errors`).
-    """
-
-
-@contextlib.contextmanager
-def report_usage_errors(app: str) -> Iterator[None]:
-    """Turn :class:`UsageError` and :class:`~ssdlit.datamodules.DataError` into ``app: error: ...``
-    on stderr and exit status 2 (Hydra would print a traceback)."""
-    try:
-        yield
-    except (UsageError, DataError) as exc:
-        print(f"{app}: error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from exc
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """``path`` as a :class:`~pathlib.Path` when it is a file; else :class:`UsageError`."""
-    ckpt = Path(str(path)).expanduser()
-    if not ckpt.exists():
-        where = "" if ckpt.is_absolute() else f" (relative to the working directory {Path.cwd()})"
-        raise UsageError(f"checkpoint not found: {ckpt}{where}")
-    if ckpt.is_dir():
-        raise UsageError(f"checkpoint {ckpt} is a folder; give the .ckpt file")
-    return ckpt
-
-
-def load_module(path: str | Path, **overrides: Any) -> DetectionModule:
-    """The :class:`~ssdlit.module.DetectionModule` of checkpoint ``path``, in eval mode.
-
-    Raises :class:`UsageError` naming the path when it is missing, a folder, or not a
-    readable ssdlit checkpoint.
-    """
-    ckpt = checkpoint_path(path)
-    try:
-        module = DetectionModule.from_checkpoint(ckpt, **overrides)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError) as exc:
-        raise UsageError(
-            f"cannot load checkpoint {ckpt} ({type(exc).__name__}: {exc}); is it a checkpoint "
-            "written by python -m ssdlit.train?"
-        ) from exc
-    return module.eval()
 
 
 def find_images(inputs: str | Path | Sequence[str | Path]) -> list[Record]:
@@ -191,9 +140,12 @@ def _summary_line(name: str, detections: list[dict[str, Any]], json_path: Path) 
     return f"{name}: {found} -> {json_path}"
 
 
-@torch.inference_mode()
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run ``cfg.ckpt`` on ``cfg.input``; returns the per-image result dicts (as written)."""
+    """Run ``cfg.ckpt`` on ``cfg.input``; returns the per-image result dicts (as written).
+
+    The model is built outside inference mode (buffers made in it could not be used by
+    autograd-aware code later); only the forward passes run in it.
+    """
     set_threads(cfg.get("threads"))
     limit_opencv_threads()
     ckpt = checkpoint_path(cfg.ckpt)  # both inputs checked before the slow part
@@ -226,7 +178,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     names: dict[str, int] = {}
     results: list[dict[str, Any]] = []
     for batch in datamodule.predict_dataloader():
-        detections = module(batch["images"].to(device))
+        with torch.inference_mode():
+            detections = module(batch["images"].to(device))
         for det, meta in zip(detections, batch["meta"], strict=True):
             result, pixel_det = _image_result(det, meta, class_names, threshold)
             stem = safe_name(meta["image_id"])
@@ -252,11 +205,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     return results
 
 
-@hydra.main(config_path="pkg://ssdlit.conf", config_name="predict", version_base="1.3")
+@hydra_app("ssdlit.predict", "predict")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see the module docstring)."""
-    with report_usage_errors("ssdlit.predict"):
-        predict(cfg)
+    predict(cfg)
 
 
 if __name__ == "__main__":

@@ -11,27 +11,33 @@ With no arguments this is the demo: the synthetic VOC-format dataset is written 
     metrics.json             the best checkpoint's metrics on val (and test), per class
     predictions.png          validation images with predicted (colour) and true (white) boxes
 
+``init_from=PATH`` starts from an ssdlit checkpoint whose classes may differ (transfer
+learning, :mod:`ssdlit.transfer`): the rows of the classes named alike are kept, new
+classes start fresh, the rest of the network loads; the log says what was kept.
+
 Examples::
 
     python -m ssdlit.train +experiment=ssd300_voc data.root=/data/VOCdevkit
     python -m ssdlit.train backbone=mobilenet_v3_large anchors=ssdlite320 head=ssdlite image_size=[320,320]
     python -m ssdlit.train -m optim.lr=1e-3,3e-3          # a sweep (Hydra's basic sweeper)
+    python -m ssdlit.train data=raccoon init_from=outputs/train/2024-01-01_12-00-00/checkpoints/best.ckpt
     python -m ssdlit.train --config-dir my_conf +experiment=mine   # your own configs
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from ssdlit.cli import UsageError, checkpoint_path, hydra_app
 from ssdlit.module import DetectionModule
 from ssdlit.training.builders import (
     build_callbacks,
@@ -44,8 +50,9 @@ from ssdlit.training.callbacks import NonFiniteLossError
 from ssdlit.training.evaluation import format_ap_table
 from ssdlit.training.runs import limit_opencv_threads, run_dir, save_config, set_threads, write_json
 from ssdlit.training.visualize import prediction_grid, save_image
+from ssdlit.transfer import init_from_checkpoint
 
-__all__ = ["main", "save_predictions_picture", "train"]
+__all__ = ["init_from", "main", "save_predictions_picture", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,19 @@ def save_predictions_picture(
     return save_image(grid, path)
 
 
+def init_from(module: DetectionModule, path: str | Path) -> str:
+    """Start ``module`` from the ssdlit checkpoint ``path`` (``weights_only=True``), whose
+    classes may differ (:func:`ssdlit.transfer.init_from_checkpoint`: the rows of classes
+    with the same name are kept, new classes start as initialised, everything else loads);
+    returns the one-line report. A missing or incompatible checkpoint is a
+    :class:`~ssdlit.cli.UsageError`."""
+    ckpt = checkpoint_path(path)
+    try:
+        return init_from_checkpoint(module, ckpt)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"init_from={ckpt}: {exc}") from exc
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, evaluate the best checkpoint, write the run folder; returns the results dict."""
     out_dir = run_dir(cfg)
@@ -92,6 +112,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg.data, cfg.get("augment"), cfg.image_size)
     module = build_module(cfg, datamodule.class_names)
+    if cfg.get("init_from"):
+        log.info(init_from(module, cfg.init_from))
     loggers = build_loggers(cfg.get("logger"), out_dir)
     callbacks, best_cb = build_callbacks(cfg.get("callbacks"), out_dir, with_logger=bool(loggers))
     trainer = build_trainer(cfg.trainer, out_dir, callbacks, loggers)
@@ -172,12 +194,14 @@ def objective(cfg: DictConfig, results: dict[str, Any]) -> float | None:
     return float(value) if value is not None else None
 
 
-@hydra.main(config_path="pkg://ssdlit.conf", config_name="train", version_base="1.3")
+@hydra_app("ssdlit.train", "train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point (see the module docstring).
 
-    A non-finite loss ends the process with exit status 1 and the callback's message (step,
-    loss terms, the last good checkpoint) on stderr, without a traceback.
+    A user error (bad data, a config key that does not exist, ...) ends the process with
+    one line and exit status 2 (:mod:`ssdlit.cli`). A non-finite loss ends it with exit
+    status 1 and the callback's message (step, loss terms, the last good checkpoint) on
+    stderr, without a traceback.
     """
     try:
         return objective(cfg, train(cfg))

@@ -6,6 +6,7 @@ Generators return anchors ``[A, 4]`` cxcywh normalised to [0, 1] in the order
 """
 
 from ssdlit.anchors.base import AnchorGenerator
+from ssdlit.anchors.d2l import D2LAnchorGenerator
 from ssdlit.anchors.kmeans import AnchorCoverage, anchor_coverage, kmeans_anchors, shape_iou
 from ssdlit.anchors.matchers import (
     BACKGROUND,
@@ -27,6 +28,7 @@ __all__ = [
     "IGNORE",
     "AnchorCoverage",
     "AnchorGenerator",
+    "D2LAnchorGenerator",
     "FasterRCNNMatcher",
     "Matcher",
     "RetinaAnchorGenerator",

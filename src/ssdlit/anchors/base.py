@@ -3,6 +3,9 @@
 A generator decides the box sizes of one cell per level (in input pixels); this
 module lays them out over the feature map: centres at ``(offset + i) * step``,
 order (level, row y, column x, box), output cxcywh normalised by the input size.
+:meth:`AnchorGenerator.cells` gives, in the same order, each anchor's grid cell (its
+unclipped centre, one step wide and high): what grid-relative box coders (YOLO) need,
+from the very steps and offsets the anchors were laid out with.
 """
 
 from __future__ import annotations
@@ -103,6 +106,41 @@ class AnchorGenerator(ABC):
         ``feature_sizes`` holds ``(h, w)`` of each level's feature map. Computed in
         float64 and cast to ``dtype`` at the end.
         """
+        levels = [
+            self._level(level, *grid) for level, grid in enumerate(self._grids(feature_sizes))
+        ]
+        return torch.cat(levels, dim=0).to(device=device, dtype=dtype)
+
+    def cells(
+        self,
+        feature_sizes: Sequence[Sequence[int]],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """The grid cell of every anchor ``[A, 4]`` cxcywh normalised, in anchor order.
+
+        A cell is centred on its anchors' centre ``(offset + i) * step`` (before any
+        clipping) and is one step of its level wide and high: with ``steps`` that
+        differ from input size / feature size (SSD300's 8, 16, 32, 64, 100, 300 on
+        38, 19, 10, 5, 3, 1 maps) the cells are the generator's, not ``1 / W``.
+        """
+        parts = []
+        for level, (size, step, offset) in enumerate(self._grids(feature_sizes)):
+            cx, cy, sx, sy = self._centres(size, step, offset)
+            n = len(self.cell_sizes(level))
+            cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each
+            cell = torch.stack(
+                (cx_grid, cy_grid, torch.full_like(cx_grid, sx), torch.full_like(cx_grid, sy)), -1
+            )  # [fh, fw, 4] pixels
+            parts.append(cell[:, :, None, :].expand(*cell.shape[:2], n, 4).reshape(-1, 4))
+        scale = torch.tensor([self.image_size[1], self.image_size[0]] * 2, dtype=torch.float64)
+        return (torch.cat(parts, dim=0) / scale).to(device=device, dtype=dtype)
+
+    def _grids(
+        self, feature_sizes: Sequence[Sequence[int]]
+    ) -> list[tuple[tuple[int, int], tuple[float, float] | None, tuple[float, float] | None]]:
+        """Per level: ``(fh, fw)``, the configured ``(step_y, step_x)`` and ``(off_y, off_x)``
+        (``None``: the defaults of :meth:`_centres`)."""
         if len(feature_sizes) != self.num_levels:
             raise ValueError(
                 f"{type(self).__name__} is configured for {self.num_levels} levels, "
@@ -110,11 +148,26 @@ class AnchorGenerator(ABC):
             )
         steps = pair_per_level(self._steps, self.num_levels, "steps")
         offsets = pair_per_level(self._offsets, self.num_levels, "offsets")
-        levels = [
-            self._level(level, (int(fs[0]), int(fs[1])), steps[level], offsets[level])
+        return [
+            ((int(fs[0]), int(fs[1])), steps[level], offsets[level])
             for level, fs in enumerate(feature_sizes)
         ]
-        return torch.cat(levels, dim=0).to(device=device, dtype=dtype)
+
+    def _centres(
+        self,
+        feature_size: tuple[int, int],
+        step: tuple[float, float] | None,
+        offset: tuple[float, float] | None,
+    ) -> tuple[Tensor, Tensor, float, float]:
+        """Cell centres of one level in pixels, ``cx [fw]`` and ``cy [fh]`` (float64), and
+        the steps ``step_x``, ``step_y``."""
+        img_h, img_w = self.image_size
+        fh, fw = feature_size
+        step_y, step_x = step if step is not None else (img_h / fh, img_w / fw)
+        off_y, off_x = offset if offset is not None else (0.5, 0.5)
+        cy = (off_y + torch.arange(fh, dtype=torch.float64)) * step_y  # [fh]
+        cx = (off_x + torch.arange(fw, dtype=torch.float64)) * step_x  # [fw]
+        return cx, cy, float(step_x), float(step_y)
 
     def _level(
         self,
@@ -125,11 +178,8 @@ class AnchorGenerator(ABC):
     ) -> Tensor:
         img_h, img_w = self.image_size
         fh, fw = feature_size
-        step_y, step_x = step if step is not None else (img_h / fh, img_w / fw)
-        off_y, off_x = offset if offset is not None else (0.5, 0.5)
+        cx, cy, _, _ = self._centres(feature_size, step, offset)
         f64 = torch.float64
-        cy = (off_y + torch.arange(fh, dtype=f64)) * step_y  # [fh]
-        cx = (off_x + torch.arange(fw, dtype=f64)) * step_x  # [fw]
         wh = self.cell_sizes(level).to(f64)  # [n, 2]
         n = wh.shape[0]
         cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each

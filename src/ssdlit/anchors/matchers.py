@@ -42,9 +42,9 @@ __all__ = [
     "Matcher",
     "SSDMatcher",
     "YOLOv3Matcher",
-    "anchor_overlaps",
     "greedy_on_candidates",
     "masked_iou",
+    "overlaps_for",
     "positive_indices",
     "top_anchors",
 ]
@@ -103,13 +103,21 @@ class AnchorOverlaps:
     widths ``[fw, n]`` and heights ``[fh, n]``, written in one operation; the IoU
     equals the direct formula (same operations on the same numbers). Anchors that
     are not product grids (clipped, hand-made) take the direct path.
+
+    The tables are derived from ``anchors_cxcywh [A, 4]`` (kept as :attr:`anchors`) and
+    belong to them: whoever owns the anchors owns their tables (a
+    :class:`~ssdlit.Detector` builds them with its anchors and rebuilds them when it
+    moves); a matcher given a plain tensor builds its own.
     """
 
     def __init__(self, anchors_cxcywh: Tensor) -> None:
-        xyxy = convert(anchors_cxcywh, "cxcywh", "xyxy")
+        if anchors_cxcywh.dim() != 2 or anchors_cxcywh.shape[-1] != 4:
+            raise ValueError(f"anchors must be [A, 4], got {tuple(anchors_cxcywh.shape)}")
+        self.anchors = anchors_cxcywh.detach()
+        xyxy = convert(self.anchors, "cxcywh", "xyxy")
         self.columns = tuple(c.contiguous() for c in xyxy.t())  # x1, y1, x2, y2: [A] each
         self.area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])  # [A]
-        self.levels = _grid_levels(anchors_cxcywh)
+        self.levels = _grid_levels(self.anchors)
         # With positive anchor areas the union is never 0 (it is at least the anchor's).
         self._may_divide_by_zero = bool((self.area <= 0).any())
         self._work: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -120,6 +128,22 @@ class AnchorOverlaps:
             y_int = block[:, 0, :, 1::2].contiguous()  # [fh, n, 2] (y1, y2)
             self.parts.append((start, fh, fw, n, x_int, y_int))
         self._tables = self._interval_tables() if self.parts else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the anchors (and of every IoU computed here)."""
+        return self.anchors.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the anchors."""
+        return self.anchors.device
+
+    def __repr__(self) -> str:
+        return (
+            f"AnchorOverlaps(anchors={self.anchors.shape[0]}, dtype={self.dtype}, "
+            f"device={self.device}, sparse={self.sparse})"
+        )
 
     def _interval_tables(self) -> dict[str, Tensor]:
         """Per anchor group g (level, box k), what :meth:`above` needs: the x and y
@@ -331,29 +355,26 @@ class AnchorOverlaps:
         return iou.view(b, m, -1)
 
 
-_OVERLAPS_CACHE: dict[tuple, AnchorOverlaps] = {}
+def overlaps_for(anchors: Tensor | AnchorOverlaps, like: Tensor) -> AnchorOverlaps:
+    """The :class:`AnchorOverlaps` to match ``like`` (gt boxes) against.
+
+    ``anchors`` is either the anchors ``[A, 4]`` cxcywh, whose tables are computed here
+    (correct, and as slow as that), or tables their owner built once (a
+    :class:`~ssdlit.Detector` keeps them with its anchors), used as they are when they
+    have the dtype and device of ``like`` and rebuilt from their anchors otherwise.
+    Nothing is cached here: the tables always belong to the anchors they came from.
+    """
+    if isinstance(anchors, AnchorOverlaps):
+        if anchors.dtype == like.dtype and anchors.device == like.device:
+            return anchors
+        anchors = anchors.anchors
+    return AnchorOverlaps(anchors.detach().to(device=like.device, dtype=like.dtype))
 
 
-def anchor_overlaps(anchors_cxcywh: Tensor) -> AnchorOverlaps:
-    """The :class:`AnchorOverlaps` of ``anchors``, cached while the tensor is unchanged."""
-    key = (
-        anchors_cxcywh.data_ptr(),
-        anchors_cxcywh._version,
-        tuple(anchors_cxcywh.shape),
-        anchors_cxcywh.dtype,
-        anchors_cxcywh.device,
-    )
-    found = _OVERLAPS_CACHE.get(key)
-    if found is None:
-        if len(_OVERLAPS_CACHE) >= 8:
-            _OVERLAPS_CACHE.clear()
-        found = _OVERLAPS_CACHE[key] = AnchorOverlaps(anchors_cxcywh.detach())
-    return found
-
-
-def masked_iou(gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
-    """IoU ``[B, G, A]`` of gt boxes (xyxy) and anchors (cxcywh); padded rows are -1."""
-    iou = anchor_overlaps(anchors.to(gt_boxes.dtype))(gt_boxes)
+def masked_iou(gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor | AnchorOverlaps) -> Tensor:
+    """IoU ``[B, G, A]`` of gt boxes ``[B, G, 4]`` (xyxy) and anchors ``[A, 4]`` (cxcywh,
+    or their :class:`AnchorOverlaps`); padded rows (``gt_mask`` False) are -1."""
+    iou = overlaps_for(anchors, gt_boxes)(gt_boxes)
     return iou.masked_fill_(~gt_mask[:, :, None], -1.0)
 
 
@@ -367,9 +388,18 @@ def _check(gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> None:
 
 
 class Matcher(ABC):
-    """Base class: call with ``(gt_boxes, gt_mask, anchors)``, get ``matches [B, A]``."""
+    """Base class: call with ``(gt_boxes, gt_mask, anchors)``, get ``matches [B, A]``.
 
-    def __call__(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
+    ``anchors`` is the anchors ``[A, 4]`` cxcywh or their :class:`AnchorOverlaps`
+    (the tables their owner built once: the product path, see
+    :meth:`ssdlit.Detector.anchor_overlaps`); with a plain tensor the built-in
+    matchers compute the tables they need on every call. A subclass implements
+    :meth:`match`, which always receives the anchors as a tensor.
+    """
+
+    def __call__(
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor | AnchorOverlaps
+    ) -> Tensor:
         return self._checked(gt_boxes, gt_mask, anchors, positives=False)[0]
 
     @abstractmethod
@@ -377,7 +407,7 @@ class Matcher(ABC):
         """``matches [B, A]`` for a batch with at least one (maybe padded) gt slot."""
 
     def match_positives(
-        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor
+        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor | AnchorOverlaps
     ) -> tuple[Tensor, Tensor]:
         """``matches [B, A]`` (as a call gives) and ``positives [P]`` long: the flat
         indices into ``matches.view(-1)`` of its positive entries (``>= 0``), ascending
@@ -387,10 +417,16 @@ class Matcher(ABC):
         return matches, positive_indices(matches) if positives is None else positives
 
     def _checked(
-        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool
+        self,
+        gt_boxes: Tensor,
+        gt_mask: Tensor,
+        anchors: Tensor | AnchorOverlaps,
+        positives: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """Checks the inputs, answers an empty batch, moves mask and anchors to the
         boxes' device, then :meth:`_match`."""
+        overlaps = anchors if isinstance(anchors, AnchorOverlaps) else None
+        anchors = overlaps.anchors if overlaps is not None else anchors
         _check(gt_boxes, gt_mask, anchors)
         if gt_boxes.shape[1] == 0:  # nothing to match: every anchor is background
             empty = gt_boxes.new_full(
@@ -398,13 +434,20 @@ class Matcher(ABC):
             )
             return empty, None
         dev = gt_boxes.device
-        return self._match(gt_boxes, gt_mask.to(dev), anchors.to(dev), positives)
+        return self._match(gt_boxes, gt_mask.to(dev), anchors.to(dev), positives, overlaps)
 
     def _match(
-        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool
+        self,
+        gt_boxes: Tensor,
+        gt_mask: Tensor,
+        anchors: Tensor,
+        positives: bool,
+        overlaps: AnchorOverlaps | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``matches`` and, where the matcher finds them while matching (and
-        ``positives`` asks for them), the flat indices of its positives; else None."""
+        ``positives`` asks for them), the flat indices of its positives; else None.
+        ``overlaps``: the anchors' tables when the caller has them (a matcher that
+        computes IoU uses them, see :func:`overlaps_for`)."""
         return self.match(gt_boxes, gt_mask, anchors), None
 
 
@@ -589,7 +632,12 @@ class SSDMatcher(Matcher):
         return self._match(gt_boxes, gt_mask, anchors, positives=False)[0]
 
     def _match(
-        self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor, positives: bool
+        self,
+        gt_boxes: Tensor,
+        gt_mask: Tensor,
+        anchors: Tensor,
+        positives: bool,
+        overlaps: AnchorOverlaps | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``matches [B, A]``, and with ``positives`` the flat indices of its positives
         when the sparse path found them while matching (None otherwise)."""
@@ -599,7 +647,7 @@ class SSDMatcher(Matcher):
         img, slot = gt_mask.nonzero(as_tuple=True)  # [M] each
         if img.shape[0] == 0:
             return matches, None
-        overlaps = anchor_overlaps(anchors.to(gt_boxes.dtype))
+        overlaps = overlaps_for(anchors if overlaps is None else overlaps, gt_boxes)
         boxes = gt_boxes[img, slot]  # [M, 4]
         low = self._low_threshold()
         if overlaps.sparse and low is not None:
@@ -849,7 +897,17 @@ class FasterRCNNMatcher(Matcher):
         self.allow_low_quality_matches = bool(allow_low_quality_matches)
 
     def match(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
-        iou = masked_iou(gt_boxes, gt_mask, anchors)  # [B, G, A]
+        return self._match(gt_boxes, gt_mask, anchors, positives=False)[0]
+
+    def _match(
+        self,
+        gt_boxes: Tensor,
+        gt_mask: Tensor,
+        anchors: Tensor,
+        positives: bool,
+        overlaps: AnchorOverlaps | None = None,
+    ) -> tuple[Tensor, None]:
+        iou = masked_iou(gt_boxes, gt_mask, anchors if overlaps is None else overlaps)  # [B, G, A]
         best_iou, best_gt = iou.max(dim=1)  # [B, A]
         matches = torch.full_like(best_gt, IGNORE)
         matches = torch.where(best_iou < self.neg_iou_threshold, BACKGROUND, matches)
@@ -858,7 +916,7 @@ class FasterRCNNMatcher(Matcher):
             gt_best = iou.max(dim=2, keepdim=True).values  # [B, G, 1]
             is_best = (iou == gt_best) & (gt_best > 0) & gt_mask[:, :, None]  # [B, G, A]
             matches = torch.where(is_best.any(dim=1), best_gt, matches)
-        return matches
+        return matches, None
 
 
 @MATCHERS.register("yolov3")
@@ -878,6 +936,16 @@ class YOLOv3Matcher(Matcher):
         self.ignore_threshold = float(ignore_threshold)
 
     def match(self, gt_boxes: Tensor, gt_mask: Tensor, anchors: Tensor) -> Tensor:
+        return self._match(gt_boxes, gt_mask, anchors, positives=False)[0]
+
+    def _match(
+        self,
+        gt_boxes: Tensor,
+        gt_mask: Tensor,
+        anchors: Tensor,
+        positives: bool,
+        overlaps: AnchorOverlaps | None = None,
+    ) -> tuple[Tensor, None]:
         b, g, _ = gt_boxes.shape
         anchors = anchors.to(gt_boxes.dtype)
         shapes, prior_of = torch.unique(anchors[:, 2:], dim=0, return_inverse=True)  # [U, 2], [A]
@@ -901,6 +969,6 @@ class YOLOv3Matcher(Matcher):
         src = torch.where(gt_mask, gt_ids, BACKGROUND)
         matches = torch.full((b, anchors.shape[0]), BACKGROUND, dtype=torch.long, device=gt.device)
         matches.scatter_reduce_(1, chosen, src, reduce="amax")
-        iou = masked_iou(gt_boxes, gt_mask, anchors)  # [B, G, A]
+        iou = masked_iou(gt_boxes, gt_mask, anchors if overlaps is None else overlaps)  # [B, G, A]
         ignore = (matches == BACKGROUND) & (iou.max(dim=1).values > self.ignore_threshold)
-        return matches.masked_fill(ignore, IGNORE)
+        return matches.masked_fill(ignore, IGNORE), None

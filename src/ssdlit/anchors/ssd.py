@@ -155,6 +155,18 @@ class SSDCaffeAnchorGenerator(AnchorGenerator):
     the ratio-r box is ``min_size * sqrt(r)`` by ``min_size / sqrt(r)`` and the
     extra square after the ratio-1 box has side ``sqrt(min_size * max_size)``.
     A level given as ``(min_size,)`` or ``(min_size, None)`` has no extra square.
+
+    Two ways to write the ratios, chosen by ``implicit_ar1`` (never guessed):
+
+    - ``implicit_ar1=False`` (default): each level lists every ratio, 1 included
+      (``[[1, 2, .5], [1, 2, .5, 3, 1/3], ...]``); boxes in the listed order, the extra
+      square right after the ratio-1 box. A level without ratio 1 is refused: it is
+      almost certainly a list written for the other convention.
+    - ``implicit_ar1=True``: SSD-Tensorflow's ``anchor_ratios`` (``[[2, .5], [2, .5, 3,
+      1/3], ...]``; Caffe's ``PriorBox`` is the same): per cell the ratio-1 box of side
+      ``min_size``, the extra square (when the level has a ``max_size``), then one box per
+      listed ratio: ``len(sizes) + len(ratios)`` boxes, as SSD-Tensorflow's
+      ``ssd_anchor_one_layer``. Listing 1 is refused (it would be a second ratio-1 box).
     """
 
     def __init__(
@@ -175,6 +187,7 @@ class SSDCaffeAnchorGenerator(AnchorGenerator):
         steps: PerLevel | None = (8, 16, 32, 64, 100, 300),
         offsets: PerLevel | None = None,
         clip: bool | str = False,
+        implicit_ar1: bool = False,
     ) -> None:
         super().__init__(image_size, steps=steps, offsets=offsets, clip=clip)
         pairs: list[tuple[float, float | None]] = []
@@ -185,12 +198,30 @@ class SSDCaffeAnchorGenerator(AnchorGenerator):
                 raise ValueError(f"anchor sizes must be positive, got {s}")
             pairs.append((lo, hi))
         self.sizes = pairs
-        self.aspect_ratios = _ratios_per_level(aspect_ratios, len(pairs))
-        if len(self.aspect_ratios) != len(pairs):
+        ratios = _ratios_per_level(aspect_ratios, len(pairs))
+        if len(ratios) != len(pairs):
             raise ValueError(
-                f"sizes and aspect_ratios need one entry per level: {len(pairs)} vs "
-                f"{len(self.aspect_ratios)}"
+                f"sizes and aspect_ratios need one entry per level: {len(pairs)} vs {len(ratios)}"
             )
+        self.implicit_ar1 = bool(implicit_ar1)
+        for level, listed in enumerate(ratios):
+            if self.implicit_ar1 and 1.0 in listed:
+                raise ValueError(
+                    f"ssd_caffe with implicit_ar1=true: level {level}'s aspect_ratios "
+                    f"{listed} list ratio 1, but the ratio-1 box (and the extra square) "
+                    "come first implicitly; remove 1 from the lists, or set "
+                    "implicit_ar1=false to list every ratio yourself"
+                )
+            if not self.implicit_ar1 and 1.0 not in listed:
+                raise ValueError(
+                    f"ssd_caffe: level {level}'s aspect_ratios {listed} have no ratio 1, so "
+                    "that level would get neither the ratio-1 box nor the extra square. "
+                    "SSD-Tensorflow and Caffe write their ratio lists without 1 (the "
+                    "ratio-1 box and the extra square are implicit): set implicit_ar1=true "
+                    "(anchors.implicit_ar1=true) for that convention, or list 1 explicitly"
+                )
+        # Stored in the explicit form: the implicit boxes first, as SSD-Tensorflow orders them.
+        self.aspect_ratios = [[1.0, *r] for r in ratios] if self.implicit_ar1 else ratios
         self.two_boxes_for_ar1 = bool(two_boxes_for_ar1)
 
     @property

@@ -11,7 +11,13 @@ from ssdlit.datamodules.coco import COCOSource
 from ssdlit.datamodules.collate import collate_detection, pad_targets, to_original_pixels
 from ssdlit.datamodules.csv_source import DEFAULT_COLUMNS, SSD_KERAS_COLUMNS, CSVSource
 from ssdlit.datamodules.datamodule import DetectionDataModule, DetectionDataset
-from ssdlit.datamodules.images import ImageHeader, image_size, load_rgb, read_header
+from ssdlit.datamodules.images import (
+    ImageHeader,
+    decode_image,
+    image_size,
+    load_rgb,
+    read_header,
+)
 from ssdlit.datamodules.records import DataError, Record, Source
 from ssdlit.datamodules.synthetic import SyntheticSource, write_synthetic_voc
 from ssdlit.datamodules.transforms import build_transforms
@@ -37,6 +43,7 @@ __all__ = [
     "Validator",
     "build_transforms",
     "collate_detection",
+    "decode_image",
     "image_size",
     "load_rgb",
     "pad_targets",

@@ -5,6 +5,8 @@
 - Classes: category ids are mapped to contiguous labels 1..C in sorted id order
   (COCO's 80 ids run 1..90 with gaps); ``class_names`` holds the names in that order and
   ``category_ids`` the original ids (label ``i`` is category ``category_ids[i - 1]``).
+  Given ``class_names`` (the config's ``data.class_names``) must be the categories' names,
+  in any order: the labels then follow that order.
 - Crowd regions (``iscrowd=1``) are kept and marked ``difficult=True``, so that the VOC
   metric ignores them (matched detections are neither true nor false positives); pass
   them as ``iscrowd`` to a COCO evaluator. ``include_crowd=False`` drops them.
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ssdlit.datamodules.records import DataError, Source
 from ssdlit.datamodules.validation import (
+    CLASS_NAMES_KEY,
     CheckImages,
     OnBad,
     RawBox,
@@ -52,6 +56,8 @@ class COCOSource(Source):
         annotation_file: the instances JSON file.
         images_dir: the folder ``file_name`` is relative to (default: the JSON's folder).
         include_crowd: keep ``iscrowd=1`` boxes (as ``difficult=True``).
+        class_names: the categories' names in the order of the labels 1..C (default: in
+            sorted category id order); every category must be named once.
         on_bad, clip_tolerance, keep_images_without_gt, check_images: the validation
             policy (:class:`~ssdlit.datamodules.validation.Validator`).
         name: the source's name in the report.
@@ -66,6 +72,7 @@ class COCOSource(Source):
         annotation_file: str | Path,
         images_dir: str | Path | None = None,
         include_crowd: bool = True,
+        class_names: Sequence[str] | None = None,
         on_bad: OnBad = "error",
         clip_tolerance: float = 2.0,
         keep_images_without_gt: bool = True,
@@ -79,6 +86,20 @@ class COCOSource(Source):
         self.include_crowd = include_crowd
         data = self._load()
         self.category_ids, self.class_names = self._categories(data)
+        if class_names is not None:
+            wanted = check_class_names(class_names, CLASS_NAMES_KEY)
+            if sorted(wanted) != sorted(self.class_names):
+                raise DataError(
+                    "unknown_class",
+                    self.annotation_file,
+                    "categories",
+                    f"{CLASS_NAMES_KEY} {wanted} must name these categories: "
+                    f"{self.class_names} (in any order)",
+                )
+            id_of = dict(zip(self.class_names, self.category_ids, strict=True))
+            self.category_ids = [id_of[n] for n in wanted]
+            self.class_names = wanted
+        self.on_bad = on_bad
         self._label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
         self._validator = Validator(
             class_names=self.class_names,

@@ -46,6 +46,7 @@ from typing import Any, Literal
 from ssdlit.datamodules.images import IMAGE_EXTENSIONS
 from ssdlit.datamodules.records import DataError, Source
 from ssdlit.datamodules.validation import (
+    CLASS_NAMES_KEY,
     CheckImages,
     OnBad,
     RawBox,
@@ -213,7 +214,13 @@ class CSVSource(Source):
         files = [_CSVFile(p, cols, explicit, delimiter=delimiter, encoding=encoding) for p in paths]
         if class_names is None:
             if class_format == "id":
-                raise ValueError("class_format='id' needs class_names (label i = class_names[i-1])")
+                raise DataError(
+                    "unknown_class",
+                    paths[0],
+                    "",
+                    f"class_format='id' needs class_names (label i = class_names[i-1]); in the "
+                    f"config: {CLASS_NAMES_KEY}=[...]",
+                )
             found = {
                 cells[f.index["class"]].strip()
                 for f in files
@@ -225,6 +232,7 @@ class CSVSource(Source):
             if not class_names:
                 raise DataError("parse_error", paths[0], "", "no class names found in the CSV")
         self.class_names = check_class_names(class_names)
+        self.on_bad = on_bad
         self._validator = Validator(
             class_names=self.class_names,
             on_bad=on_bad,

@@ -17,11 +17,23 @@ reseeds each copy with the worker's torch seed, ``base_seed + worker_id``, where
 iterator starts (once, with persistent workers). So: the same ``seed`` and the same
 ``num_workers`` give the same batches, epoch after epoch; a different ``num_workers`` gives
 a different (equally valid) random stream.
+
+Images that cannot be decoded when loaded (the sources check headers only, unless
+``check_images="decode"``) follow the source's ``on_bad`` policy. ``"error"``: a
+:class:`~ssdlit.datamodules.records.DataError` naming the file, the same one-line error
+from a worker process as from the main process. ``"skip"``: the sample is replaced by the
+next index whose image decodes (deterministic), the image is marked in a table shared with
+the worker processes so that it is tried no more, a warning is logged once, and the
+split's :class:`~ssdlit.datamodules.validation.DataReport` counts it (brought up to date by
+:meth:`DetectionDataModule.sync_reports`, which ``teardown`` calls at the end of every
+fit, validate or test). A tail-truncated JPEG decodes as far as its data goes, with a
+warning logged once and the note ``truncated_image`` in the report.
 """
 
 from __future__ import annotations
 
 import glob as globlib
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,9 +46,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ssdlit.datamodules.collate import collate_detection, make_meta
-from ssdlit.datamodules.records import Record
+from ssdlit.datamodules.records import DataError, Record
 from ssdlit.datamodules.transforms import apply_transform, as_hw, build_transforms, find_letterbox
 from ssdlit.datamodules.transforms.pipelines import plain_config
+from ssdlit.datamodules.validation import DataReport, Problem
 
 __all__ = [
     "DEFAULT_AUGMENT",
@@ -53,6 +66,12 @@ ImageLoader = Callable[[Path], np.ndarray]
 DEFAULT_AUGMENT: dict[str, str] = {"train": "ssd", "val": "val", "test": "val", "predict": "val"}
 
 _SPLITS = ("train", "val", "test", "predict")
+
+log = logging.getLogger(__name__)
+
+# What loading found out about each image, in a table shared with the worker processes.
+_FINE, _TRUNCATED, _UNREADABLE, _MISSING = 0, 1, 2, 3
+_KIND_OF_STATE = {_UNREADABLE: "unreadable_image", _MISSING: "missing_image"}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -75,10 +94,14 @@ class DetectionDataset(Dataset):
         transform: an albumentations pipeline (e.g. :func:`~.transforms.build_transforms`),
             or None to return the decoded image as is (then all images must share a size
             to be batched).
-        loader: ``loader(path) -> uint8 [H, W, 3]`` RGB; None uses ``record.load_image()``
-            (:func:`ssdlit.datamodules.images.load_rgb` with the record's EXIF policy).
+        loader: ``loader(path) -> uint8 [H, W, 3]`` RGB; None uses ``record.decode()``
+            (:func:`ssdlit.datamodules.images.decode_image` with the record's EXIF policy).
         cache: decode every image once, now, and keep the uint8 arrays in memory (for
             small datasets; DataLoader workers forked later share them copy-on-write).
+        on_bad: what an image that cannot be decoded does: ``"error"`` raises its
+            :class:`~ssdlit.datamodules.records.DataError`; ``"skip"`` replaces the sample by
+            the next one that decodes, and counts it (see the module docstring).
+        report: where :meth:`sync_report` adds what loading found (default: a new one).
     """
 
     def __init__(
@@ -87,14 +110,23 @@ class DetectionDataset(Dataset):
         transform: Callable[..., dict[str, Any]] | None = None,
         loader: ImageLoader | None = None,
         cache: bool = False,
+        on_bad: str = "error",
+        report: DataReport | None = None,
     ) -> None:
+        if on_bad not in ("error", "skip"):
+            raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
         self.records = list(records)
         self.transform = transform
         self.loader = loader
+        self.on_bad = on_bad
+        self.report = report if report is not None else DataReport("data")
         self._letterbox = find_letterbox(transform)
-        self._cache: list[np.ndarray] | None = None
+        # [N] uint8, one of _FINE, _TRUNCATED, _UNREADABLE, _MISSING; in shared memory, so
+        # what one worker finds, the others and the main process see.
+        self._state = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
+        self._cache: list[np.ndarray | None] | None = None
         if cache:
-            self._cache = [self.load_image(i) for i in range(len(self.records))]
+            self._cache = [self._load_or_mark(i) for i in range(len(self.records))]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -102,15 +134,54 @@ class DetectionDataset(Dataset):
     @property
     def cached_bytes(self) -> int:
         """Memory held by the image cache (0 without one)."""
-        return sum(a.nbytes for a in self._cache) if self._cache is not None else 0
+        return sum(a.nbytes for a in self._cache if a is not None) if self._cache else 0
+
+    @property
+    def skipped(self) -> list[int]:
+        """Indices of the records whose image could not be decoded (``on_bad="skip"``)."""
+        return torch.nonzero(self._state >= _UNREADABLE).flatten().tolist()
+
+    def _decode(self, index: int) -> np.ndarray:
+        rec = self.records[index]
+        if self.loader is None:
+            img, truncated = rec.decode()
+            if truncated and int(self._state[index]) == _FINE:
+                self._state[index] = _TRUNCATED
+                log.warning(
+                    "%s is missing the end of its data: decoded as far as it goes", rec.path
+                )
+            return img
+        try:
+            return self.loader(rec.path)
+        except DataError:
+            raise
+        except Exception as exc:  # a user's loader: its failure is this file's
+            raise DataError(
+                "unreadable_image", rec.path, "", f"cannot read the image: {exc}"
+            ) from exc
+
+    def _load_or_mark(self, index: int) -> np.ndarray | None:
+        """The image of record ``index``; None, marked, when it cannot be decoded under
+        ``on_bad="skip"`` (its DataError is raised under ``"error"``)."""
+        try:
+            return _as_rgb(np.asarray(self._decode(index)))
+        except DataError as err:
+            if self.on_bad == "error":
+                raise
+            if int(self._state[index]) < _UNREADABLE:
+                self._state[index] = _MISSING if err.kind == "missing_image" else _UNREADABLE
+                log.warning("%s; skipped: replaced by another sample (on_bad=skip)", err)
+            return None
 
     def load_image(self, index: int) -> np.ndarray:
-        """The decoded image of record ``index``, uint8 ``[H0, W0, 3]`` RGB."""
-        if self._cache is not None:
-            return self._cache[index]
-        rec = self.records[index]
-        img = rec.load_image() if self.loader is None else self.loader(rec.path)
-        return _as_rgb(np.asarray(img))
+        """The decoded image of record ``index``, uint8 ``[H0, W0, 3]`` RGB.
+
+        Raises :class:`~ssdlit.datamodules.records.DataError` when it cannot be decoded
+        (whatever ``on_bad`` says; :meth:`__getitem__` applies the policy).
+        """
+        if self._cache is not None and self._cache[index] is not None:
+            return self._cache[index]  # type: ignore[return-value]
+        return _as_rgb(np.asarray(self._decode(index)))
 
     def reseed(self, seed: int) -> None:
         """Reseed the augmentation's generators (called in each worker by :func:`seed_worker`)."""
@@ -118,9 +189,66 @@ class DetectionDataset(Dataset):
         if callable(set_seed):
             set_seed(seed)
 
+    def sync_report(self) -> int:
+        """Add what loading found to :attr:`report` (the images skipped, counted once
+        however many datasets share the report, and the truncated ones as notes) and
+        recount the kept images; returns the number of problems added."""
+        added = 0
+        state = self._state.tolist()
+        for i, s in enumerate(state):
+            if s == _FINE:
+                continue
+            rec = self.records[i]
+            if s == _TRUNCATED:
+                problem = Problem(
+                    "note",
+                    "truncated_image",
+                    str(rec.path),
+                    "",
+                    "missing the end of its data: decoded as far as it goes",
+                    rec.image_id,
+                )
+            else:
+                problem = Problem(
+                    "error",
+                    _KIND_OF_STATE[s],
+                    str(rec.path),
+                    "",
+                    "cannot be decoded when loaded: skipped, replaced by another sample",
+                    rec.image_id,
+                )
+            if self.report.add_once(problem):
+                added += 1
+                if problem.severity == "error":
+                    self.report.skipped_images += 1
+        if added:
+            self.report.count_records(
+                [r for r, s in zip(self.records, state, strict=True) if s < _UNREADABLE]
+            )
+        return added
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.records)
+        for step in range(n):
+            i = (index + step) % n
+            if int(self._state[i]) >= _UNREADABLE:
+                continue  # known bad: the next one stands in for it
+            img = self._load_or_mark(i) if self._cache is None else self._cached(i)
+            if img is not None:
+                return self._sample(i, img)
+        raise DataError(
+            "unreadable_image",
+            self.records[index].path,
+            "",
+            "no image of this split can be decoded (on_bad=skip skipped every one)",
+        )
+
+    def _cached(self, index: int) -> np.ndarray | None:
+        assert self._cache is not None
+        return self._cache[index]
+
+    def _sample(self, index: int, img: np.ndarray) -> dict[str, Any]:
         rec = self.records[index]
-        img = self.load_image(index)
         h0, w0 = img.shape[:2]
         out = apply_transform(self.transform, img, rec.boxes, rec.labels, rec.difficult)
         h, w = out.image.shape[:2]
@@ -258,6 +386,13 @@ class DetectionDataModule(pl.LightningDataModule):
         cache_images: decode images once at ``setup`` and keep them in memory: True for
             train/val/test, or a list of split names.
         loader: ``loader(path) -> uint8 [H, W, 3] RGB`` replacing ``record.load_image()``.
+        on_bad: the policy for images that cannot be decoded when loaded, for the splits
+            whose source has none of its own (a source's ``on_bad`` wins): ``"error"`` or
+            ``"skip"`` (see the module docstring).
+
+    Attributes:
+        reports: ``{split: DataReport}``, the source's report (a new one for plain
+            records), to which :meth:`sync_reports` adds what loading found.
     """
 
     def __init__(
@@ -279,6 +414,7 @@ class DetectionDataModule(pl.LightningDataModule):
         seed: int = 0,
         cache_images: bool | Sequence[str] = False,
         loader: ImageLoader | None = None,
+        on_bad: str = "error",
     ) -> None:
         super().__init__()
         self.image_size = as_hw(image_size)
@@ -299,15 +435,33 @@ class DetectionDataModule(pl.LightningDataModule):
         else:
             self.cache_splits = set(plain_config(cache_images))
 
+        if on_bad not in ("error", "skip"):
+            raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
         self._records: dict[str, list[Record] | None] = {}
+        self._on_bad: dict[str, str] = dict.fromkeys(_SPLITS, on_bad)
+        self.reports: dict[str, DataReport] = {}
         names: list[str] | None = None
+        named: list[tuple[str, list[str]]] = []
         for split, source in (("train", train), ("val", val), ("test", test)):
             if source is None:
                 self._records[split] = None
                 continue
             records, source_names = _split_source(source)
             self._records[split] = records
+            self._on_bad[split] = str(getattr(source, "on_bad", None) or on_bad)
+            report = getattr(source, "report", None)
+            self.reports[split] = report if isinstance(report, DataReport) else DataReport(split)
             names = names or source_names
+            if source_names is not None:
+                named.append((split, source_names))
+        if class_names is None:
+            for split, other in named[1:]:
+                if other != named[0][1]:
+                    raise ValueError(
+                        f"the {split} split's classes {other} differ from the {named[0][0]} "
+                        f"split's {named[0][1]}: labels would mean other classes; give every "
+                        "split the same class names (data.class_names)"
+                    )
         if predict is None:
             self._records["predict"] = None
         elif hasattr(predict, "records") or (
@@ -316,6 +470,8 @@ class DetectionDataModule(pl.LightningDataModule):
             self._records["predict"] = _split_source(predict)[0]
         else:
             self._records["predict"] = predict_records(predict)
+        if self._records["predict"] is not None:
+            self.reports["predict"] = getattr(predict, "report", None) or DataReport("predict")
         self._class_names = list(class_names) if class_names is not None else names
         self.datasets: dict[str, DetectionDataset] = {}
 
@@ -361,6 +517,8 @@ class DetectionDataModule(pl.LightningDataModule):
                 self.build_transform(split),
                 loader=self.loader,
                 cache=split in self.cache_splits,
+                on_bad=self._on_bad[split],
+                report=self.reports.get(split),
             )
         return self.datasets[split]
 
@@ -374,6 +532,28 @@ class DetectionDataModule(pl.LightningDataModule):
         }.get(stage or "", _SPLITS)
         for split in wanted:
             self.dataset(split)
+
+    def sync_reports(self) -> dict[str, int]:
+        """Bring :attr:`reports` up to date with what loading found (images skipped because
+        they cannot be decoded, truncated JPEGs), logging a line per split with news;
+        returns ``{split: problems added}``."""
+        added: dict[str, int] = {}
+        for split, ds in self.datasets.items():
+            n = ds.sync_report()
+            if n:
+                added[split] = n
+                found = ", ".join(f"{k} {v}" for k, v in sorted(ds.report.counts().items()))
+                log.warning(
+                    "data %s, found when loading: %s (%d images skipped in all)",
+                    split,
+                    found,
+                    ds.report.skipped_images,
+                )
+        return added
+
+    def teardown(self, stage: str | None = None) -> None:
+        """End of a fit, validate, test or predict: report what loading found."""
+        self.sync_reports()
 
     # -- loaders ------------------------------------------------------------------------
 

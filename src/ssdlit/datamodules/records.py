@@ -7,6 +7,7 @@ base of the parsed sources (``records``, ``class_names``, ``report``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,11 +33,24 @@ class DataError(ValueError):
         where: the location inside ``file`` ("" when the whole file is at fault).
         detail: what is wrong, in words.
         image_id: the image the problem belongs to, when known.
+
+    ``DataError(message)`` with the message alone is what a DataLoader does when it re-raises
+    a worker's exception in the main process (the worker's traceback as text): the
+    original one-line message is recovered from it, so the error reads the same from a
+    worker as from the main process.
     """
 
     def __init__(
-        self, kind: str, file: str | Path, where: str, detail: str, *, image_id: str = ""
+        self,
+        kind: str,
+        file: str | Path | None = None,
+        where: str = "",
+        detail: str = "",
+        *,
+        image_id: str = "",
     ) -> None:
+        if file is None:
+            kind, file, detail = _from_message(kind)
         self.kind = kind
         self.file = str(file)
         self.where = where
@@ -50,6 +64,19 @@ class DataError(ValueError):
 
     def __reduce__(self):  # picklable across DataLoader worker processes
         return (_rebuild_data_error, (self.kind, self.file, self.where, self.detail, self.image_id))
+
+
+_FORMATTED = re.compile(r"^(?:[\w.]+\.)?DataError: (?P<loc>.*?): (?P<detail>.*) \[(?P<kind>\w+)\]$")
+
+
+def _from_message(message: str) -> tuple[str, str, str]:
+    """``(kind, file, detail)`` of the last formatted DataError line in ``message`` (a
+    worker's traceback as the DataLoader re-raises it); the location stays in ``file``."""
+    for line in reversed(message.splitlines()):
+        found = _FORMATTED.match(line.strip())
+        if found:
+            return found["kind"], found["loc"], found["detail"]
+    return "data_error", "", message.strip().splitlines()[-1] if message.strip() else ""
 
 
 def _rebuild_data_error(kind: str, file: str, where: str, detail: str, image_id: str) -> DataError:
@@ -109,11 +136,20 @@ class Record:
     def load_image(self) -> np.ndarray:
         """The image as uint8 ``[H, W, 3]`` RGB, oriented as the boxes expect.
 
-        Raises :class:`DataError` when the file is missing, unreadable or truncated.
+        Raises :class:`DataError` when the file is missing or cannot be decoded (a
+        tail-truncated JPEG decodes as far as its data goes).
         """
-        from ssdlit.datamodules.images import load_rgb
+        return self.decode()[0]
 
-        return load_rgb(self.path, apply_exif=self.apply_exif)
+    def decode(self) -> tuple[np.ndarray, bool]:
+        """``(image, truncated)``: :meth:`load_image` and whether the file is a tail-truncated
+        JPEG, decoded as far as its data goes (:func:`ssdlit.datamodules.images.decode_image`).
+
+        Raises :class:`DataError` when the file is missing or cannot be decoded.
+        """
+        from ssdlit.datamodules.images import decode_image
+
+        return decode_image(self.path, apply_exif=self.apply_exif)
 
     def same_annotation(self, other: Record) -> bool:
         """True when both records hold the same image, size and ground truth.
@@ -139,12 +175,18 @@ class Source:
         records: one :class:`Record` per kept image, in the source's order.
         class_names: the C class names; label ``i`` is ``class_names[i - 1]``.
         report: the problems found while parsing
-            (:class:`~ssdlit.datamodules.validation.DataReport`).
+            (:class:`~ssdlit.datamodules.validation.DataReport`), to which
+            :class:`~ssdlit.datamodules.datamodule.DetectionDataModule` adds those found
+            when the images are loaded.
+        on_bad: the policy (``"error"`` or ``"skip"``), for the images that fail later,
+            when loaded.
     """
 
     records: list[Record]
     class_names: list[str]
     report: DataReport
+    #: the validation policy, also applied to the images that fail when loaded
+    on_bad: str = "error"
 
     @property
     def num_classes(self) -> int:

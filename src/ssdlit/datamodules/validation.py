@@ -31,13 +31,16 @@ names the file and the line or element); ``"skip"`` drops the whole image the pr
 belongs to (a partially annotated image would teach the detector that an object is
 background), counts it in :class:`DataReport` and goes on. Notes (``clipped``,
 ``exif_transposed``, ``exif_ignored``, ``size_from_image``, ``empty_dropped``,
-``image_by_filename``) are fixes or policy decisions: recorded, never raised.
+``image_by_filename``, ``truncated_image``) are fixes or policy decisions: recorded, never raised.
 
 Image checks (``check_images``): ``"header"`` (default) opens every image header for its
-size and EXIF orientation without decoding; a JPEG truncated after its header passes and
-fails later, when loaded, with a ``DataError`` naming the file. ``"decode"`` decodes every
-image at parse time (catches truncation; slow on large sets); ``"exists"`` only checks that
-the files exist and trusts the annotated sizes (fastest, e.g. for COCO's 118k images).
+size and EXIF orientation without decoding; an image whose data cannot be decoded passes
+and is handled when first loaded, under the same policy (``DetectionDataset``: ``skip``
+replaces it by the next sample and counts it, ``error`` raises a ``DataError`` naming the
+file). ``"decode"`` decodes every image at parse time (catches them all now; slow on
+large sets); ``"exists"`` only checks that the files exist and trusts the annotated sizes
+(fastest, e.g. for COCO's 118k images). A tail-truncated JPEG is no error: it decodes as
+far as its data goes (as OpenCV does), with the note ``truncated_image``.
 
 Images without ground truth (no boxes, or none left after class / difficult filtering)
 are kept by default (``keep_images_without_gt=True``): they are valid negatives for
@@ -61,6 +64,7 @@ from ssdlit.datamodules.images import read_header
 from ssdlit.datamodules.records import DataError, Record
 
 __all__ = [
+    "CLASS_NAMES_KEY",
     "ERROR_KINDS",
     "NOTE_KINDS",
     "PROBLEM_KINDS",
@@ -99,7 +103,11 @@ NOTE_KINDS: dict[str, str] = {
     "size_from_image": "annotation gave no image size: read from the image file",
     "empty_dropped": "image without ground truth dropped (keep_images_without_gt=False)",
     "image_by_filename": "no image named by the annotation id: found by its filename field",
+    "truncated_image": "JPEG missing the end of its data: decoded as far as it goes (as OpenCV)",
 }
+
+#: The config key that sets the class names of every source (named in the messages).
+CLASS_NAMES_KEY = "data.class_names"
 PROBLEM_KINDS: dict[str, str] = {**ERROR_KINDS, **NOTE_KINDS}
 
 
@@ -149,6 +157,16 @@ class DataReport:
 
     def add(self, problem: Problem) -> None:
         self.problems.append(problem)
+
+    def add_once(self, problem: Problem) -> bool:
+        """Add ``problem`` unless the same one (severity, kind, file, image) is listed
+        already; returns whether it was added. For problems found when images are loaded,
+        which several datasets sharing a source may each report."""
+        key = (problem.severity, problem.kind, problem.file, problem.image_id)
+        if any((p.severity, p.kind, p.file, p.image_id) == key for p in self.problems):
+            return False
+        self.problems.append(problem)
+        return True
 
     @property
     def errors(self) -> list[Problem]:
@@ -311,7 +329,8 @@ class Validator:
         keep_images_without_gt: keep images that end up without boxes.
         check_images: ``"exists"`` (the file exists; sizes trusted from the annotation),
             ``"header"`` (read the header: size and EXIF orientation; default) or
-            ``"decode"`` (decode every image, catches truncated files; slow).
+            ``"decode"`` (decode every image, catches undecodable files now, notes
+            tail-truncated JPEGs; slow).
         name: the source's name for the report.
     """
 
@@ -440,6 +459,15 @@ class Validator:
         except DataError as err:
             detail = err.detail if str(raw.path) in err.detail else f"{err.detail}: {raw.path}"
             raise self._error(err.kind, raw, raw.where, detail) from err
+        if header.truncated:
+            notes.append(
+                self._note(
+                    "truncated_image",
+                    raw,
+                    raw.where,
+                    f"{raw.path} is missing the end of its data: decoded as far as it goes",
+                )
+            )
         if not declared:
             if raw.size_expected:
                 notes.append(
@@ -508,7 +536,8 @@ class Validator:
                 "unknown_class",
                 raw,
                 where,
-                f"unknown class {name!r} (known: {known}; case-sensitive).{hint}",
+                f"unknown class {name!r} (known: {known}; case-sensitive).{hint} To use "
+                f"other classes, set {CLASS_NAMES_KEY}=[...]",
             )
         if isinstance(cls, (int, np.integer)) and not isinstance(cls, bool):
             if 1 <= cls <= len(self.class_names):
@@ -517,7 +546,8 @@ class Validator:
                 "unknown_class",
                 raw,
                 where,
-                f"class id {cls} is not in 1..{len(self.class_names)} (0 is background)",
+                f"class id {cls} is not in 1..{len(self.class_names)} (0 is background); "
+                f"{CLASS_NAMES_KEY}=[...] names the classes of ids 1..C",
             )
         raise self._error("unknown_class", raw, where, f"class {cls!r} is neither a name nor an id")
 

@@ -19,6 +19,10 @@ source) do the inverse. A file that uses 0 for the first pixel gives ``-1``, whi
 validator clips (within ``clip_tolerance``) and notes. Non-integer coordinates are
 accepted and converted the same way.
 
+Classes: ``classes`` lists the known class names (label i = ``classes[i - 1]``; from the
+config: ``data.class_names``). When it is None, the devkit layout knows the 20 VOC classes
+(:data:`VOC_CLASSES`) and the flat layout, a folder of your own, the sorted set of names
+found in its XML files (as :class:`~ssdlit.datamodules.csv_source.CSVSource` does).
 Class names are matched case-sensitively after stripping surrounding whitespace
 (``" Dog "`` is ``"Dog"``, which is not ``"dog"``). ``include_classes`` keeps only those
 classes, relabelled 1..len(include_classes) in the order given; objects of the other
@@ -47,6 +51,7 @@ from defusedxml import DefusedXmlException
 from ssdlit.datamodules.images import IMAGE_EXTENSIONS
 from ssdlit.datamodules.records import DataError, Source
 from ssdlit.datamodules.validation import (
+    CLASS_NAMES_KEY,
     CheckImages,
     OnBad,
     Problem,
@@ -324,7 +329,8 @@ class VOCSource(Source):
             (splits as set names) or the flat layout's folder.
         splits: see the module docstring; None selects the flat layout.
         layout: ``"auto"`` (devkit when ``splits`` is given, else flat), ``"devkit"``, ``"flat"``.
-        classes: the known class names (default: the 20 VOC classes).
+        classes: the known class names (default: the 20 VOC classes for the devkit layout,
+            the sorted names found in the XML files for the flat layout).
         include_classes: keep only these (a subset of ``classes``), relabelled 1..K in
             this order.
         exclude_difficult, exclude_truncated: drop those objects (default: keep them;
@@ -338,6 +344,8 @@ class VOCSource(Source):
 
     Attributes:
         records, class_names, report: see :class:`~ssdlit.datamodules.records.Source`.
+        known_classes: the classes the files may name (``classes``, or their default);
+            ``class_names`` unless ``include_classes`` keeps fewer.
     """
 
     def __init__(
@@ -360,7 +368,29 @@ class VOCSource(Source):
         name: str = "voc",
     ) -> None:
         self.root = Path(root)
-        known = check_class_names(VOC_CLASSES if classes is None else classes, "classes")
+        if layout == "auto":
+            layout = "devkit" if splits is not None else "flat"
+        if layout not in ("devkit", "flat"):
+            raise ValueError(f"layout must be 'auto', 'devkit' or 'flat', got {layout!r}")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"VOC root folder not found: {self.root}")
+        self.layout = layout
+        self._exclude = {
+            "exclude_difficult": exclude_difficult,
+            "exclude_truncated": exclude_truncated,
+        }
+        # Parse every XML file first (a DataError stands in for a file that fails), so that
+        # a flat folder's classes can be the names its files use; validate afterwards.
+        if layout == "devkit":
+            if splits is None:
+                raise ValueError("the devkit layout needs splits, e.g. [['2007', 'trainval']]")
+            parsed = [p for year, s in _normalise_splits(splits) for p in self._devkit(year, s)]
+        else:
+            parsed = self._flat(images_dir, annotations_dir, split_file)
+
+        if classes is None:
+            classes = VOC_CLASSES if layout == "devkit" else _found_classes(parsed, self.root)
+        known = check_class_names(classes, "classes")
         if include_classes is not None:
             keep = check_class_names(include_classes, "include_classes")
             missing = [c for c in keep if c not in known]
@@ -371,13 +401,8 @@ class VOCSource(Source):
         else:
             self.class_names = known
             ignore = []
-        if layout == "auto":
-            layout = "devkit" if splits is not None else "flat"
-        if layout not in ("devkit", "flat"):
-            raise ValueError(f"layout must be 'auto', 'devkit' or 'flat', got {layout!r}")
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"VOC root folder not found: {self.root}")
-
+        self.known_classes = known
+        self.on_bad = on_bad
         self._validator = Validator(
             class_names=self.class_names,
             ignore_classes=ignore,
@@ -387,17 +412,8 @@ class VOCSource(Source):
             check_images=check_images,
             name=name,
         )
-        self._exclude = {
-            "exclude_difficult": exclude_difficult,
-            "exclude_truncated": exclude_truncated,
-        }
-        if layout == "devkit":
-            if splits is None:
-                raise ValueError("the devkit layout needs splits, e.g. [['2007', 'trainval']]")
-            for year, set_name in _normalise_splits(splits):
-                self._parse_devkit(year, set_name)
-        else:
-            self._parse_flat(images_dir, annotations_dir, split_file)
+        for item in parsed:
+            self._validator.process(lambda item=item: _raise_or_return(item))
         self.records = self._validator.finish()
         self.report = self._validator.report
 
@@ -411,25 +427,31 @@ class VOCSource(Source):
             return self.root
         raise FileNotFoundError(f"VOC year folder not found: {candidate}")
 
-    def _parse_devkit(self, year: str | None, set_name: str) -> None:
+    def _parse(self, xml: Path, **kwargs: Any) -> RawImage | DataError:
+        try:
+            return parse_voc_xml(xml, **kwargs, **self._exclude)
+        except DataError as err:
+            return err
+
+    def _devkit(self, year: str | None, set_name: str) -> list[RawImage | DataError]:
         base = self._year_dir(year)
         split_path = base / "ImageSets" / "Main" / f"{set_name}.txt"
         if not split_path.is_file():
             raise FileNotFoundError(f"VOC split file not found: {split_path}")
         prefix = f"VOC{year}/" if year is not None else ""
-        for _line, stem in read_id_list(split_path):
-            xml = base / "Annotations" / f"{stem}.xml"
-            self._validator.process(
-                lambda xml=xml, stem=stem: parse_voc_xml(
-                    xml,
-                    image_id=prefix + stem,
-                    images_dir=base / "JPEGImages",
-                    stem=stem,
-                    **self._exclude,
-                )
+        return [
+            self._parse(
+                base / "Annotations" / f"{stem}.xml",
+                image_id=prefix + stem,
+                images_dir=base / "JPEGImages",
+                stem=stem,
             )
+            for _line, stem in read_id_list(split_path)
+        ]
 
-    def _parse_flat(self, images_dir: str, annotations_dir: str, split_file: Any) -> None:
+    def _flat(
+        self, images_dir: str, annotations_dir: str, split_file: Any
+    ) -> list[RawImage | DataError]:
         ann_dir = self.root / annotations_dir
         img_dir = self.root / images_dir
         if not ann_dir.is_dir():
@@ -443,10 +465,32 @@ class VOCSource(Source):
             stems = [stem for _line, stem in read_id_list(split_path)]
         else:
             stems = sorted((p.stem for p in ann_dir.glob("*.xml")), key=natural_key)
-        for stem in stems:
-            xml = ann_dir / f"{stem}.xml"
-            self._validator.process(
-                lambda xml=xml, stem=stem: parse_voc_xml(
-                    xml, image_id=stem, images_dir=img_dir, stem=stem, **self._exclude
-                )
-            )
+        return [
+            self._parse(ann_dir / f"{stem}.xml", image_id=stem, images_dir=img_dir, stem=stem)
+            for stem in stems
+        ]
+
+
+def _raise_or_return(item: RawImage | DataError) -> RawImage:
+    if isinstance(item, DataError):
+        raise item
+    return item
+
+
+def _found_classes(parsed: Sequence[RawImage | DataError], root: Path) -> list[str]:
+    """The sorted class names the parsed XML files use (stripped, as the validator matches)."""
+    found = {
+        str(box.cls).strip()
+        for item in parsed
+        if isinstance(item, RawImage)
+        for box in item.boxes
+        if str(box.cls).strip()
+    }
+    if not found:
+        raise DataError(
+            "parse_error",
+            root,
+            "",
+            f"no object class found in the XML files; set {CLASS_NAMES_KEY}=[...]",
+        )
+    return sorted(found)

@@ -19,7 +19,7 @@ from ssdlit.heads.losses import (
 )
 from ssdlit.heads.retina import RetinaHead
 from ssdlit.heads.ssd import SSDHead, SSDLiteHead
-from ssdlit.heads.yolo import YoloHead, cell_sizes
+from ssdlit.heads.yolo import YoloHead
 
 __all__ = [
     "MINING_MODES",
@@ -29,7 +29,6 @@ __all__ = [
     "SSDHead",
     "SSDLiteHead",
     "YoloHead",
-    "cell_sizes",
     "encode_targets",
     "flatten_level",
     "flatten_levels",

@@ -109,6 +109,13 @@ class DetectionHead(nn.Module, ABC):
                     f"level {level}: expected a [B, {c}, H, W] feature map, got {tuple(f.shape)}"
                 )
 
+    def bind_anchor_grid(self, cells: Tensor) -> None:
+        """Receive each anchor's grid cell ``[A, 4]`` cxcywh normalised, in anchor order
+        (:meth:`ssdlit.anchors.AnchorGenerator.cells`: centred on the anchor, one step of
+        its level wide and high). The :class:`~ssdlit.Detector` calls it once with the
+        anchors it builds. Heads whose boxes are relative to the grid (YOLO) keep it, as
+        a non-persistent buffer; the others need nothing from it."""
+
     @abstractmethod
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
         """Raw predictions for feature maps ``[B, C_l, H_l, W_l]`` (finest first).

@@ -17,7 +17,10 @@ from ssdlit.anchors.matchers import BACKGROUND, positive_indices
 from ssdlit.boxes import BoxCoder, convert
 
 __all__ = [
+    "MINING",
     "MINING_MODES",
+    "NEG_POS_RATIO",
+    "N_NEG_MIN",
     "MultiBoxLoss",
     "encode_targets",
     "gather_targets",
@@ -27,6 +30,17 @@ __all__ = [
 ]
 
 MINING_MODES = ("per_image", "per_batch")
+
+#: The MultiBox defaults, used by every signature below and by the SSD heads (the
+#: head configs conf/head/ssd.yaml and ssdlite.yaml state the same values; a test
+#: keeps them equal). 3 negatives per positive, mined per image (the SSD paper), and
+#: at least N_NEG_MIN negatives per image: an image without objects (a background
+#: photo added to cut false positives) has no positive, so without the minimum its
+#: budget, its loss and its gradient would be exactly 0. 16 is what an image with a
+#: handful of positives gets from the ratio, so it seldom changes images with objects.
+NEG_POS_RATIO = 3.0
+N_NEG_MIN = 16
+MINING = "per_image"
 
 
 def gather_targets(matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,9 +123,9 @@ def positive_targets(
 def hard_negative_mask(
     cls_loss: Tensor,
     matches: Tensor,
-    neg_pos_ratio: float = 3.0,
-    n_neg_min: int = 0,
-    mining: str = "per_image",
+    neg_pos_ratio: float = NEG_POS_RATIO,
+    n_neg_min: int = N_NEG_MIN,
+    mining: str = MINING,
 ) -> Tensor:
     """Which background anchors the classification loss keeps: the hardest ones.
 
@@ -120,10 +134,14 @@ def hard_negative_mask(
     non-zero; the budget's worth of highest-loss background anchors is kept (ties: lower
     anchor index first). Ignored anchors (-2) are never kept.
 
-    - ``mining="per_image"`` (SSD paper, torchvision): positives, ``n_neg_min`` and the
-      budget are counted per image; each image keeps its own hardest negatives.
+    - ``mining="per_image"`` (SSD paper, torchvision; the default): positives,
+      ``n_neg_min`` and the budget are counted per image; each image keeps its own
+      hardest negatives, so an image without objects keeps its ``n_neg_min`` hardest
+      (with ``n_neg_min=0``, as the paper, it keeps none and teaches nothing).
     - ``mining="per_batch"`` (ssd_keras): positives, ``n_neg_min`` and the budget are
-      counted over the whole batch; the hardest negatives of the whole batch are kept.
+      counted over the whole batch; the hardest negatives of the whole batch are kept,
+      so an image without objects gets negatives only where they are among the
+      batch's hardest (a batch without any object keeps its ``n_neg_min`` hardest).
 
     Args:
         cls_loss: ``[B, A]`` per-anchor classification loss (detached here).
@@ -158,10 +176,10 @@ def multibox_loss(
     anchors: Tensor,
     coder: BoxCoder,
     *,
-    neg_pos_ratio: float = 3.0,
-    n_neg_min: int = 0,
+    neg_pos_ratio: float = NEG_POS_RATIO,
+    n_neg_min: int = N_NEG_MIN,
     alpha: float = 1.0,
-    mining: str = "per_image",
+    mining: str = MINING,
     beta: float = 1.0,
 ) -> dict[str, Tensor]:
     """The SSD MultiBox loss with hard negative mining.
@@ -173,8 +191,18 @@ def multibox_loss(
       positives' ``box_deltas`` and ``coder.encode(matched gt, anchor)``;
     - ignored anchors (-2) enter neither term.
 
-    Both terms are divided by N = max(1, positives in the batch); the total is
-    ``loss_cls + alpha * loss_box``.
+    Both terms are divided by N = max(1, P, M / neg_pos_ratio) with P the positives
+    and M the mined negatives of the batch (``neg_pos_ratio`` 0: N = max(1, P)); the
+    total is ``loss_cls + alpha * loss_box``. While the ratio sets the budgets
+    (M <= ratio * P) this is the paper's N = P; where ``n_neg_min`` adds negatives
+    (images without objects, or with very few positives) each negative still weighs
+    what it weighs beside a positive, instead of a batch of background photos summing
+    its negatives over N = 1.
+
+    Images without objects: under the defaults (``mining="per_image"``,
+    ``n_neg_min`` = :data:`N_NEG_MIN`) each keeps its hardest ``n_neg_min``
+    background anchors, so its class logits get a gradient (see
+    :func:`hard_negative_mask`).
 
     Args:
         cls_logits: ``[B, A, K]``.
@@ -210,7 +238,10 @@ def multibox_loss(
     loc = F.smooth_l1_loss(box_deltas.to(dtype), targets, beta=beta, reduction="none").sum(-1)
     loc_sum = (loc * positive).sum()
 
-    n = positive.sum().clamp(min=1).to(dtype)
+    n = positive.sum().to(dtype)
+    if neg_pos_ratio > 0:
+        n = torch.maximum(n, negative.sum().to(dtype) / neg_pos_ratio)
+    n = n.clamp(min=1)
     loss_cls, loss_box = cls_sum / n, loc_sum / n
     return {"loss": loss_cls + alpha * loss_box, "loss_cls": loss_cls, "loss_box": loss_box}
 
@@ -222,9 +253,11 @@ class MultiBoxLoss:
     Args:
         variances: the :class:`~ssdlit.boxes.BoxCoder` variances (ignored when ``coder`` is given).
         neg_pos_ratio: negatives kept per positive (3 in the paper).
-        n_neg_min: least number of negatives kept (per image or per batch, see ``mining``).
+        n_neg_min: least number of negatives kept (per image or per batch, see ``mining``;
+            default :data:`N_NEG_MIN`, which gives images without objects their hardest
+            negatives).
         alpha: weight of the localisation term.
-        mining: ``"per_image"`` or ``"per_batch"`` (see :func:`hard_negative_mask`).
+        mining: ``"per_image"`` (default) or ``"per_batch"`` (see :func:`hard_negative_mask`).
         beta: the smooth-L1 transition point of the localisation term (>= 0; 0 is L1).
         coder: a ready :class:`~ssdlit.boxes.BoxCoder` to share with the head.
     """
@@ -232,10 +265,10 @@ class MultiBoxLoss:
     def __init__(
         self,
         variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-        neg_pos_ratio: float = 3.0,
-        n_neg_min: int = 0,
+        neg_pos_ratio: float = NEG_POS_RATIO,
+        n_neg_min: int = N_NEG_MIN,
         alpha: float = 1.0,
-        mining: str = "per_image",
+        mining: str = MINING,
         coder: BoxCoder | None = None,
         beta: float = 1.0,
     ) -> None:

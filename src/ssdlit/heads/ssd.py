@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ssdlit.boxes import BoxCoder
 from ssdlit.heads.base import DetectionHead, flatten_levels
-from ssdlit.heads.losses import MultiBoxLoss
+from ssdlit.heads.losses import MINING, N_NEG_MIN, NEG_POS_RATIO, MultiBoxLoss
 from ssdlit.registry import HEADS
 
 __all__ = ["SSDHead", "SSDLiteHead"]
@@ -33,7 +33,10 @@ class SSDHead(DetectionHead):
         in_channels, num_anchors, num_classes: see :class:`~ssdlit.heads.base.DetectionHead`.
         variances: the box coder's variances.
         neg_pos_ratio, n_neg_min, alpha, mining, beta: the MultiBox loss options
-            (see :class:`~ssdlit.heads.losses.MultiBoxLoss`).
+            (see :class:`~ssdlit.heads.losses.MultiBoxLoss`); by default 3 negatives
+            per positive, mined per image, and at least
+            :data:`~ssdlit.heads.losses.N_NEG_MIN` per image so that images without
+            objects teach the background too.
     """
 
     def __init__(
@@ -43,10 +46,10 @@ class SSDHead(DetectionHead):
         num_anchors: Sequence[int],
         num_classes: int,
         variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-        neg_pos_ratio: float = 3.0,
-        n_neg_min: int = 0,
+        neg_pos_ratio: float = NEG_POS_RATIO,
+        n_neg_min: int = N_NEG_MIN,
         alpha: float = 1.0,
-        mining: str = "per_image",
+        mining: str = MINING,
         beta: float = 1.0,
     ) -> None:
         super().__init__(in_channels=in_channels, num_anchors=num_anchors, num_classes=num_classes)
@@ -138,10 +141,10 @@ class SSDLiteHead(SSDHead):
         num_anchors: Sequence[int],
         num_classes: int,
         variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-        neg_pos_ratio: float = 3.0,
-        n_neg_min: int = 0,
+        neg_pos_ratio: float = NEG_POS_RATIO,
+        n_neg_min: int = N_NEG_MIN,
         alpha: float = 1.0,
-        mining: str = "per_image",
+        mining: str = MINING,
         beta: float = 1.0,
         bn_eps: float = 0.001,
         bn_momentum: float = 0.03,

@@ -15,23 +15,9 @@ from ssdlit.heads.base import DetectionHead, flatten_levels, prior_bias
 from ssdlit.heads.losses import gather_targets
 from ssdlit.registry import HEADS
 
-__all__ = ["YoloHead", "cell_sizes"]
+__all__ = ["YoloHead"]
 
 XY_LOSSES = ("mse", "bce")
-
-
-def cell_sizes(features: Sequence[Tensor], num_anchors: Sequence[int]) -> Tensor:
-    """Width and height of the grid cell of every anchor: ``[A, 2]`` = (1 / W_l, 1 / H_l).
-
-    ``features`` are the ``[B, C, H_l, W_l]`` maps, ``num_anchors`` the anchors per
-    location of each level; rows in anchor order (level, y, x, box).
-    """
-    parts = []
-    for f, n in zip(features, num_anchors, strict=True):
-        h, w = f.shape[-2:]
-        cell = torch.tensor([1.0 / w, 1.0 / h], dtype=f.dtype, device=f.device)
-        parts.append(cell.expand(h * w * n, 2))
-    return torch.cat(parts, dim=0)
 
 
 @HEADS.register("yolo")
@@ -41,16 +27,22 @@ class YoloHead(DetectionHead):
     each anchor's channels in darknet order (tx, ty, tw, th, objectness, classes).
 
     Outputs: ``cls_logits [B, A, 1 + C]`` (objectness logit first, then the C class
-    logits, all sigmoid), ``box_deltas [B, A, 4]`` = (tx, ty, tw, th) and ``cell_wh
-    [A, 2]`` the cell size (1 / W_l, 1 / H_l) of each anchor's level.
+    logits, all sigmoid) and ``box_deltas [B, A, 4]`` = (tx, ty, tw, th).
 
-    Decoding, with anchors centred on their cells (cxcywh normalised)::
+    Boxes are relative to each anchor's grid cell, :attr:`anchor_cells` ``[A, 4]``
+    cxcywh normalised: the anchor generator's own cells
+    (:meth:`~ssdlit.anchors.AnchorGenerator.cells`, centred on the anchor, one step of
+    its level wide and high), which the :class:`~ssdlit.Detector` hands over with
+    :meth:`bind_anchor_grid` when it builds its anchors (a non-persistent buffer that
+    moves with the module). Decoding::
 
-        cx = cx_anchor + (sigmoid(tx) - 0.5) * cell_w      w = w_anchor * exp(tw)
-        cy = cy_anchor + (sigmoid(ty) - 0.5) * cell_h      h = h_anchor * exp(th)
+        cx = cx_cell + (sigmoid(tx) - 0.5) * w_cell      w = w_anchor * exp(tw)
+        cy = cy_cell + (sigmoid(ty) - 0.5) * h_cell      h = h_anchor * exp(th)
 
-    which is YOLOv3's ``(cell_x + sigmoid(tx)) / W``; ``tw, th`` are clamped to at most
-    ``log(1000 / 16)`` before ``exp``.
+    which is YOLOv3's ``(c_x + sigmoid(tx)) * stride``: the centre reaches exactly the
+    cell whose anchor the YOLOv3 matcher makes responsible (the nearest centre), also
+    where stride x feature size differs from the input size. ``tw, th`` are clamped to
+    at most ``log(1000 / 16)`` before ``exp``.
 
     Loss (all sums **divided by the batch size**, as darknet and mmdetection do):
 
@@ -129,7 +121,26 @@ class YoloHead(DetectionHead):
             "box": float(box_weight),
         }
         self.max_log_scale = math.log(1000.0 / 16)
+        self.register_buffer("anchor_cells", torch.empty(0, 4), persistent=False)
         self.reset_parameters()
+
+    def bind_anchor_grid(self, cells: Tensor) -> None:
+        """Keep each anchor's grid cell ``[A, 4]`` cxcywh normalised (the generator's
+        :meth:`~ssdlit.anchors.AnchorGenerator.cells`) as the non-persistent buffer
+        :attr:`anchor_cells`, which every decoding and encoding is relative to."""
+        if cells.dim() != 2 or cells.shape[1] != 4:
+            raise ValueError(f"cells must be [A, 4], got {tuple(cells.shape)}")
+        self.anchor_cells = cells.detach().to(self.anchor_cells.device)
+
+    def _cells(self, anchors: Tensor, like: Tensor) -> Tensor:
+        """:attr:`anchor_cells` in the device and dtype of ``like``, checked against ``anchors``."""
+        if self.anchor_cells.shape[0] != anchors.shape[0]:
+            raise RuntimeError(
+                f"the YOLO head decodes relative to each anchor's grid cell, but it holds "
+                f"{self.anchor_cells.shape[0]} cells for {anchors.shape[0]} anchors: call "
+                "head.bind_anchor_grid(generator.cells(feature_sizes)) (a Detector does)"
+            )
+        return self.anchor_cells.to(device=like.device, dtype=like.dtype)
 
     @staticmethod
     def _block(in_channels: int, hidden: int) -> nn.Module:
@@ -158,15 +169,11 @@ class YoloHead(DetectionHead):
             bias[:, 5:] = prior_bias(self.cls_prior)
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
-        """``cls_logits [B, A, 1 + C]``, ``box_deltas [B, A, 4]`` and ``cell_wh [A, 2]``."""
+        """``cls_logits [B, A, 1 + C]`` and ``box_deltas [B, A, 4]``."""
         self._check_features(features)
         raw = [p(b(f)) for b, p, f in zip(self.blocks, self.predictors, features, strict=True)]
         out = flatten_levels(raw, self.values_per_anchor)  # [B, A, 5 + C]
-        return {
-            "cls_logits": out[..., 4:],
-            "box_deltas": out[..., :4],
-            "cell_wh": cell_sizes(features, self.num_anchors),
-        }
+        return {"cls_logits": out[..., 4:], "box_deltas": out[..., :4]}
 
     def scores(self, outputs: dict[str, Tensor]) -> Tensor:
         """``[B, A, C + 1]``: ``1 - sigmoid(obj)``, then ``sigmoid(obj) * sigmoid(class)``."""
@@ -178,17 +185,20 @@ class YoloHead(DetectionHead):
         """``[B, A, 4]`` cxcywh: the grid-relative YOLOv3 decoding (see the class docstring)."""
         t = outputs["box_deltas"]  # [B, A, 4]
         anchors = anchors.to(device=t.device, dtype=t.dtype)
-        cell = outputs["cell_wh"].to(t.dtype)  # [A, 2]
-        centre = anchors[:, :2] + (t[..., :2].sigmoid() - 0.5) * cell
+        cells = self._cells(anchors, t)  # [A, 4]
+        centre = cells[:, :2] + (t[..., :2].sigmoid() - 0.5) * cells[:, 2:]
         size = anchors[:, 2:] * t[..., 2:].clamp(max=self.max_log_scale).exp()
         return torch.cat((centre, size), dim=-1)
 
-    def encode_boxes(self, boxes_cxcywh: Tensor, anchors: Tensor, cell_wh: Tensor) -> Tensor:
-        """Targets ``[..., 4]``: the cell position (sx, sy) in [0, 1] of each box centre and
-        (log(w / w_anchor), log(h / h_anchor)); the inverse of :meth:`decode_boxes` with
-        ``sx = sigmoid(tx)``. ``boxes_cxcywh [..., A, 4]``, ``anchors [A, 4]``, ``cell_wh [A, 2]``.
+    def encode_boxes(self, boxes_cxcywh: Tensor, anchors: Tensor) -> Tensor:
+        """Targets ``[..., A, 4]``: the position (sx, sy) in [0, 1] of each box centre in
+        its anchor's cell and (log(w / w_anchor), log(h / h_anchor)); the inverse of
+        :meth:`decode_boxes` with ``sx = sigmoid(tx)``. ``boxes_cxcywh [..., A, 4]``,
+        ``anchors [A, 4]`` (both cxcywh normalised). A centre outside the cell (which
+        the YOLOv3 matcher never assigns) is clamped to its edge.
         """
-        sxy = ((boxes_cxcywh[..., :2] - anchors[:, :2]) / cell_wh + 0.5).clamp(0.0, 1.0)
+        cells = self._cells(anchors, boxes_cxcywh)  # [A, 4]
+        sxy = ((boxes_cxcywh[..., :2] - cells[:, :2]) / cells[:, 2:] + 0.5).clamp(0.0, 1.0)
         twh = torch.log(boxes_cxcywh[..., 2:] / anchors[:, 2:])
         return torch.cat((sxy, twh), dim=-1)
 
@@ -205,7 +215,6 @@ class YoloHead(DetectionHead):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         logits = logits.to(dtype)
         t = outputs["box_deltas"].to(dtype)
-        cell = outputs["cell_wh"].to(dtype)
         anchors = anchors.to(device=t.device, dtype=dtype)
         b = logits.shape[0]
         positive = matches >= 0  # [B, A]
@@ -222,7 +231,7 @@ class YoloHead(DetectionHead):
 
         gt = convert(matched.to(dtype), "xyxy", "cxcywh")  # [B, A, 4]
         gt = torch.where(positive[..., None], gt, anchors.expand_as(gt))  # finite everywhere
-        target = self.encode_boxes(gt, anchors, cell)  # [B, A, 4]
+        target = self.encode_boxes(gt, anchors)  # [B, A, 4]
         weight = pos * (2.0 - gt[..., 2] * gt[..., 3]) if self.box_scale else pos  # [B, A]
         if self.xy_loss == "mse":
             xy = F.mse_loss(t[..., :2].sigmoid(), target[..., :2], reduction="none")

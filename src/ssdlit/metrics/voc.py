@@ -8,10 +8,16 @@
   and takes the one of highest IoU; IoU uses +1 on widths and heights
   (``pixel_inclusive=True``, the devkit's pixel convention; ``False`` gives
   continuous IoU for 0-based continuous boxes);
-- it is a true positive when that IoU is strictly above ``iou_threshold`` and the
-  box was not taken by a better-ranked detection (each ground truth is matched once;
-  a later detection of it is a false positive); a detection whose best box is
-  ``difficult`` is neither true nor false positive; otherwise it is a false positive;
+- it is a hit when that IoU reaches the threshold. ``iou_rule="devkit"`` (default) is
+  VOCevaldet.m's ``ovmax >= VOCopts.minoverlap``: an IoU of exactly ``iou_threshold``
+  counts. ``iou_rule="strict"`` is py-faster-rcnn's ``voc_eval`` rule ``ovmax > ovthresh``
+  (also mmdetection's and most Python ports'): use it to compare with their numbers.
+  A detection that overlaps no ground truth of its class is never a hit (the devkit's
+  ``ovmax`` stays ``-inf``), whatever the threshold;
+- a hit is a true positive when its box was not taken by a better-ranked detection
+  (each ground truth is matched once; a later detection of it is a false positive); a
+  hit whose best box is ``difficult`` is neither true nor false positive; a detection
+  that is not a hit is a false positive;
 - recall counts only non-difficult ground truth;
 - AP: VOC2007 11-point interpolation (``use_07_metric=True``) or the VOC2010+
   area under the monotone precision envelope (``False``).
@@ -21,6 +27,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +35,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["VOCMeanAP", "average_precision", "voc_iou"]
+__all__ = ["IOU_RULES", "VOCMeanAP", "average_precision", "voc_iou"]
+
+#: ``devkit``: a hit when IoU >= threshold (VOCevaldet.m); ``strict``: IoU > threshold
+#: (py-faster-rcnn's ``voc_eval``, mmdetection).
+IOU_RULES = ("devkit", "strict")
 
 
 def voc_iou(a: Tensor, b: Tensor, pixel_inclusive: bool = True) -> Tensor:
@@ -77,6 +88,14 @@ class VOCMeanAP(Metric):
     ``compute()`` returns ``map`` (float64 tensor), ``ap_per_class`` (float64 tensor
     indexed by label, NaN for labels without non-difficult ground truth) and
     ``classes`` (the labels that count in ``map``).
+
+    Args:
+        iou_threshold: the minimum overlap (VOCopts.minoverlap, 0.5).
+        use_07_metric: VOC2007 11-point AP (True) or VOC2010+ all-point AP (False).
+        pixel_inclusive: ``x2 - x1 + 1`` widths (the devkit's integer pixel boxes).
+        iou_rule: ``"devkit"`` (default): a detection is a hit when its IoU is
+            ``>= iou_threshold``, as the official VOCevaldet.m; ``"strict"``: ``>``, as
+            py-faster-rcnn's ``voc_eval`` and mmdetection (to reproduce their numbers).
     """
 
     full_state_update = False
@@ -87,13 +106,20 @@ class VOCMeanAP(Metric):
         iou_threshold: float = 0.5,
         use_07_metric: bool = True,
         pixel_inclusive: bool = True,
+        iou_rule: str = "devkit",
         **kwargs: Any,
     ) -> None:
+        if iou_rule not in IOU_RULES:
+            raise ValueError(
+                f"iou_rule must be one of {IOU_RULES} ('devkit': IoU >= threshold as "
+                f"VOCevaldet.m; 'strict': IoU > threshold as py-faster-rcnn), got {iou_rule!r}"
+            )
         kwargs.setdefault("sync_on_compute", False)  # compute() gathers per-image lists itself
         super().__init__(**kwargs)
         self.iou_threshold = float(iou_threshold)
         self.use_07_metric = bool(use_07_metric)
         self.pixel_inclusive = bool(pixel_inclusive)
+        self.iou_rule = iou_rule
         for name in (
             "det_boxes",
             "det_scores",
@@ -152,10 +178,13 @@ class VOCMeanAP(Metric):
             d, g = det_boxes[i], gt_boxes[i]
             if len(d) and len(g):
                 iou = voc_iou(d, g, self.pixel_inclusive)
-                iou = iou.masked_fill(det_labels[i][:, None] != gt_labels[i][None, :], -1.0)
+                # Boxes of other classes and boxes without overlap (IoU exactly 0) never
+                # become ovmax: the devkit computes no overlap for them (ovmax = -inf).
+                other = (det_labels[i][:, None] != gt_labels[i][None, :]) | (iou <= 0)
+                iou = iou.masked_fill(other, -math.inf)
                 best, idx = iou.max(dim=1)  # first maximum, as MATLAB's max
             else:
-                best = torch.full((len(d),), -1.0, dtype=torch.float64)
+                best = torch.full((len(d),), -math.inf, dtype=torch.float64)
                 idx = torch.zeros(len(d), dtype=torch.long)
             ov_max.append(best)
             j_max.append(idx + gt_offset)
@@ -177,7 +206,8 @@ class VOCMeanAP(Metric):
             counted.append(c)
             sel = torch.nonzero(labels == c).flatten()
             order = sel[torch.argsort(-scores[sel], stable=True)]
-            hit = ov_max[order] > self.iou_threshold
+            ov = ov_max[order]
+            hit = ov >= self.iou_threshold if self.iou_rule == "devkit" else ov > self.iou_threshold
             gt_idx = j_max[order]
             difficult = hit.clone()  # a hit always has a gt behind it
             difficult[hit] = all_gt_diff[gt_idx[hit]]

@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from ssdlit.training.visualize import prediction_grid
@@ -113,27 +114,34 @@ class SeedEveryEpoch(Callback):
 
     Lightning's checkpoints do not hold the random state of the data pipeline: the order
     of the training loader's sampler, the augmentation's own generators (seeded once, then
-    drawn on from epoch to epoch with ``num_workers=0``) and the global RNGs. A run resumed
-    from ``last.ckpt`` would replay epoch 0's shuffling and augmentation in epoch 1. At the
-    start of each training epoch this callback reseeds them with :func:`epoch_seed` of the
-    seed and the epoch: the sampler gets a generator of its own (the loader's generator
-    also seeds the workers, and Lightning creates the first epoch's iterator, which draws
-    from it, before any epoch hook), the dataset's augmentation is reseeded, and so are
-    Python's, NumPy's and torch's global generators. A run resumed from the end of an epoch
-    then repeats the uninterrupted run exactly.
+    drawn on from epoch to epoch) and the global RNGs. A run resumed from ``last.ckpt``
+    would replay epoch 0's shuffling and augmentation in epoch 1. So for epoch ``e`` all of
+    them are seeded with :func:`epoch_seed` of the seed and ``e``: the sampler gets a
+    generator of its own, the loader's generator (which draws the worker processes' base
+    seed, hence their augmentation seeds) is reseeded, and so are the dataset's
+    augmentation and Python's, NumPy's and torch's global generators.
+
+    When: at the start of each training epoch, before Lightning makes that epoch's data
+    iterator, except for the first epoch of a (re)started fit, whose iterator Lightning
+    makes right after asking for the training loader and before any epoch hook (with
+    worker processes, it starts them and prefetches indices then). For that one the
+    callback seeds the loader as it is made: from ``setup`` on, the training loader of the
+    datamodule (or of the LightningModule when there is none) comes through
+    :meth:`seed_loaders` for the epoch about to run (:meth:`epoch`). A run resumed from the end of an epoch then repeats the uninterrupted run
+    bit for bit, with ``data.num_workers=0`` or worker processes alike.
 
     Args:
         seed: the base seed; None: the datamodule's ``seed``, else ``PL_GLOBAL_SEED``
             (set by ``seed_everything``), else 0.
 
-    Scope: exact with ``num_workers=0``. With worker processes the first epoch after a
-    (re)start takes its workers' augmentation seeds and first indices from the iterator
-    Lightning made before this hook, so a resumed run differs (validly) from the
-    uninterrupted one; a warning says so when resuming.
+    Scope: persistent workers (``data.persistent_workers=true``) are started once per
+    fit and keep their augmentation streams across epochs, so a resumed run differs
+    (validly) from the uninterrupted one; a warning says so when resuming.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
+        self._wrapped: Any = None
 
     def base_seed(self, trainer: pl.Trainer) -> int:
         if self.seed is not None:
@@ -143,36 +151,71 @@ class SeedEveryEpoch(Callback):
             seed = os.environ.get("PL_GLOBAL_SEED", 0)
         return int(seed)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path and any(
-            getattr(dl, "num_workers", 0) > 0 for dl in _loaders(trainer.train_dataloader)
-        ):
-            log.warning(
-                "resuming with data-loader workers (data.num_workers > 0): the resumed run "
-                "is not bit-identical to an uninterrupted one (data.num_workers=0 is)"
-            )
+    @staticmethod
+    def epoch(trainer: pl.Trainer) -> int:
+        """The epoch the training loop is running or about to run (Lightning's own count
+        for ``set_epoch`` of samplers: ``trainer.current_epoch`` lags it by one when a run
+        resumes from a checkpoint written at the end of an epoch, until the loop starts)."""
+        return int(trainer.fit_loop.epoch_progress.current.processed)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def seed_loaders(self, trainer: pl.Trainer, loaders: Any) -> None:
+        """Seed the training ``loaders`` (and the global RNGs) for :meth:`epoch`."""
         from torch.utils.data import RandomSampler
 
         from ssdlit.datamodules.datamodule import _reseed
 
-        seed = epoch_seed(self.base_seed(trainer), trainer.current_epoch)
+        seed = epoch_seed(self.base_seed(trainer), self.epoch(trainer))
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        for loader in _loaders(trainer.train_dataloader):
+        for loader in _loaders(loaders):
             generator = getattr(loader, "generator", None)
             if isinstance(generator, torch.Generator):
-                generator.manual_seed(seed)  # the workers' base seed (later epochs)
+                generator.manual_seed(seed)  # the workers' base seed
             sampler = getattr(loader, "sampler", None)
             if isinstance(sampler, RandomSampler):
                 if sampler.generator is None or sampler.generator is generator:
                     sampler.generator = torch.Generator()
-                sampler.generator.manual_seed(seed)  # drawn lazily, at the first batch
+                sampler.generator.manual_seed(seed)  # the order
             dataset = getattr(loader, "dataset", None)
             if dataset is not None:
                 _reseed(dataset, seed)  # the augmentation (num_workers=0)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        owner = trainer.datamodule if trainer.datamodule is not None else pl_module
+        make = getattr(owner, "train_dataloader", None)
+        if make is None or getattr(make, "_seeded_by", None) is self:
+            return
+
+        def train_dataloader() -> Any:
+            loaders = make()
+            self.seed_loaders(trainer, loaders)  # before Lightning makes the first iterator
+            return loaders
+
+        train_dataloader._seeded_by = self  # type: ignore[attr-defined]
+        owner.train_dataloader = train_dataloader  # this object only, for this fit
+        self._wrapped = owner
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._wrapped is not None:
+            vars(self._wrapped).pop("train_dataloader", None)  # the class's method again
+            self._wrapped = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path and any(
+            getattr(dl, "num_workers", 0) > 0 and getattr(dl, "persistent_workers", False)
+            for dl in _loaders(trainer.train_dataloader)
+        ):
+            log.warning(
+                "resuming with persistent data-loader workers (data.persistent_workers=true): "
+                "the resumed run is not bit-identical to an uninterrupted one "
+                "(data.persistent_workers=false is)"
+            )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seed_loaders(trainer, trainer.train_dataloader)
 
 
 class ImagesPerSecond(Callback):
@@ -303,6 +346,13 @@ class EMAWeights(WeightAveraging):
     weights and the averaging state go beside it, so ``ckpt_path=last`` resumes both);
     evaluate, predict and export therefore use the averaged model.
 
+    The callback acts during ``fit`` only. Outside it (``trainer.validate`` / ``test`` /
+    ``predict`` with ``ckpt_path``, as the training app runs after fit) the checkpoint's
+    ``state_dict``, the averaged weights, is the model, exactly what ``evaluate`` loads:
+    Lightning's base class would instead, after a fit in the same process, load the raw
+    weights (``current_model_state``) into the model and swap the average back in for
+    validation only, so that test ran on the raw weights.
+
     Args:
         decay: in [0, 1); e.g. 0.99 for a run of a few hundred steps, 0.999 for long runs.
         warmup_steps: the ramp of the decay in optimiser steps (0: none).
@@ -321,6 +371,24 @@ class EMAWeights(WeightAveraging):
         if self.warmup_steps == 0:
             return self.decay
         return self.decay * (1.0 - math.exp(-updates / self.warmup_steps))
+
+    @staticmethod
+    def _fitting(trainer: pl.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):  # swap the average in (fit's validation)
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):  # and the raw weights back
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._fitting(trainer):  # resume: raw weights and the average, each in its place
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def _average(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
         d = self.current_decay(int(num_averaged))

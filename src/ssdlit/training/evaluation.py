@@ -76,6 +76,8 @@ class DetectionEvaluator(nn.Module):
     Args:
         class_names: the C class names (label ``i`` is ``class_names[i - 1]``).
         iou_threshold: the VOC IoU threshold (0.5).
+        iou_rule: ``"devkit"`` (IoU >= threshold, VOCevaldet.m) or ``"strict"`` (IoU >
+            threshold, py-faster-rcnn / mmdetection); see :class:`~ssdlit.metrics.VOCMeanAP`.
         coco: also compute COCO mAP@[.5:.95] (pycocotools; a few seconds on big splits).
         class_metrics: COCO AP per class too.
     """
@@ -84,6 +86,7 @@ class DetectionEvaluator(nn.Module):
         self,
         class_names: Sequence[str],
         iou_threshold: float = 0.5,
+        iou_rule: str = "devkit",
         coco: bool = True,
         class_metrics: bool = True,
     ) -> None:
@@ -91,10 +94,16 @@ class DetectionEvaluator(nn.Module):
         self.class_names = list(class_names)
         # pixel_inclusive=False: our boxes are 0-based continuous (see the module docstring).
         self.voc07 = VOCMeanAP(
-            iou_threshold=iou_threshold, use_07_metric=True, pixel_inclusive=False
+            iou_threshold=iou_threshold,
+            use_07_metric=True,
+            pixel_inclusive=False,
+            iou_rule=iou_rule,
         )
         self.voc = VOCMeanAP(
-            iou_threshold=iou_threshold, use_07_metric=False, pixel_inclusive=False
+            iou_threshold=iou_threshold,
+            use_07_metric=False,
+            pixel_inclusive=False,
+            iou_rule=iou_rule,
         )
         self.coco = COCOMeanAP(class_metrics=class_metrics) if coco else None
 
