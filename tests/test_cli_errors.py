@@ -5,7 +5,8 @@ them start together (a module fixture) and each test checks one. The user errors
 key that does not exist, bad data (a malformed annotation found when parsing, and an image
 that cannot be decoded, found inside Lightning's datamodule setup), a missing checkpoint,
 a file that is not an ssdlit checkpoint, classes that differ between the checkpoint and
-the data. ``HYDRA_FULL_ERROR=1`` still shows the traceback. (Interpreter start-up is most
+the data, an option a component does not take and a value it refuses.
+``HYDRA_FULL_ERROR=1`` still shows the traceback. (Interpreter start-up is most
 of the cost, so the cases spread over the apps rather than repeat each error per app;
 ``predict``'s are in test_apps.py.)
 """
@@ -101,6 +102,9 @@ def runs(tmp_path_factory) -> dict[str, Done]:
     cases: dict[str, tuple[str, list[str], dict[str, str]]] = {
         "unknown_key": ("train", ["no_such_key=1"], {}),
         "unknown_key_full_error": ("train", ["no_such_key=1"], {"HYDRA_FULL_ERROR": "1"}),
+        "option_the_component_does_not_take": ("train", ["+head.no_such_option=1"], {}),
+        "flat_folder_as_a_devkit": ("inspect", ["data=voc", f"data.root={good}"], {}),
+        "value_the_component_refuses": ("train", ["anchors.scales=[0.1,0.2]"], {}),
         "undecodable_image_in_setup": (
             "train",
             [
@@ -156,6 +160,21 @@ def one_line_error(run: Done, app: str) -> str:
 def test_unknown_config_key(runs) -> None:
     line = one_line_error(runs["unknown_key"], "train")
     assert "no_such_key" in line
+
+
+def test_option_a_component_does_not_take(runs) -> None:
+    line = one_line_error(runs["option_the_component_does_not_take"], "train")
+    assert "head 'ssd'" in line and "no_such_option" in line
+
+
+def test_value_a_component_refuses(runs) -> None:
+    line = one_line_error(runs["value_the_component_refuses"], "train")
+    assert "anchor" in line and "levels" in line
+
+
+def test_a_flat_folder_given_as_a_devkit_says_how_to_read_it(runs) -> None:
+    line = one_line_error(runs["flat_folder_as_a_devkit"], "inspect")
+    assert "VOC2007" in line and "data.source.layout=flat" in line
 
 
 def test_full_error_shows_the_traceback(runs) -> None:

@@ -14,6 +14,7 @@ from ssdlit.registry import (
     HEADS,
     MATCHERS,
     POSTPROCESS,
+    ConfigError,
     Registry,
     RegistryError,
 )
@@ -133,3 +134,29 @@ def test_broken_plugin_names_itself(tmp_path):
     proc = _run("from ssdlit.registry import load_plugins; load_plugins()", tmp_path)
     assert proc.returncode != 0
     assert "ssdlit plugin 'broken'" in proc.stderr and "missing dependency xyz" in proc.stderr
+
+
+def test_a_component_that_refuses_its_config_names_itself():
+    reg = Registry("widget")
+
+    @reg.register("box")
+    def box(*, size: int = 1) -> int:
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        return size
+
+    with pytest.raises(ConfigError, match=r"widget 'box'.*unexpected keyword argument 'colour'"):
+        reg.build("box", colour="red")
+    with pytest.raises(ConfigError, match=r"widget 'box': size must be positive, got 0") as err:
+        reg.build("box", size=0)
+    assert isinstance(err.value, ValueError) and isinstance(err.value.__cause__, ValueError)
+
+    class SpecialError(ValueError):
+        pass
+
+    @reg.register("special")
+    def special() -> None:
+        raise SpecialError("a subclass (a data source's DataError) passes unchanged")
+
+    with pytest.raises(SpecialError):
+        reg.build("special")

@@ -3,7 +3,9 @@
 ``train``, ``evaluate``, ``predict``, ``export`` and ``inspect`` are each built with
 :func:`hydra_app`. A *user error* (:data:`USER_ERRORS`: :class:`UsageError`, a bad input's
 :class:`~ssdlit.datamodules.DataError`, an unknown component name, a config key that
-does not exist or a mandatory value left unset, Hydra's own composition errors) ends the
+does not exist or a mandatory value left unset, a component that refuses its options
+(:class:`~ssdlit.registry.ConfigError`), a file or folder the config names that does not
+exist, Hydra's own composition errors) ends the
 process with one line on stderr, ``ssdlit.<app>: <message>``, and exit status 2, never a
 traceback, wherever it was raised: while Hydra composes the config, in the app, or in a
 Lightning hook (datamodule setup; Lightning re-raises the hook's exception unchanged).
@@ -37,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ssdlit.datamodules import DataError
 from ssdlit.module import DetectionModule
-from ssdlit.registry import RegistryError
+from ssdlit.registry import ConfigError, RegistryError
 
 __all__ = [
     "FULL_ERROR",
@@ -70,6 +72,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
     DataError,
     RegistryError,
+    ConfigError,
+    FileNotFoundError,  # a data folder, file list or input the config names that is not there
     OmegaConfBaseException,
     HydraException,
 )

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ssdlit.anchors.matchers import AnchorOverlaps, Matcher
 from ssdlit.boxes import convert
-from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS
+from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS, ConfigError
 
 __all__ = ["Detector", "ExportWrapper", "build_component"]
 
@@ -42,14 +42,14 @@ def build_component(registry, spec: Mapping[str, Any] | None, **derived: Any) ->
     A derived keyword that the config also sets is an error: nothing is configured twice.
     """
     if spec is None:
-        raise ValueError(f"a {registry.kind} needs a config with a 'name'")
+        raise ConfigError(f"a {registry.kind} needs a config with a 'name'")
     kwargs = dict(spec)
     name = kwargs.pop("name", None)
     if name is None:
-        raise ValueError(f"{registry.kind} config {dict(spec)} has no 'name'")
+        raise ConfigError(f"{registry.kind} config {dict(spec)} has no 'name'")
     twice = sorted(set(kwargs) & set(derived))
     if twice:
-        raise ValueError(
+        raise ConfigError(
             f"{registry.kind} {name!r}: {', '.join(twice)} are derived from the other parts "
             "and must not be set in its config"
         )
@@ -134,7 +134,7 @@ class Detector(nn.Module):
         bb = build_component(BACKBONES, backbone)
         gen = build_component(ANCHORS, anchors, image_size=size)
         if len(bb.out_channels) != gen.num_levels:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone {backbone.get('name')!r} gives {len(bb.out_channels)} feature levels "
                 f"but the anchor generator is configured for {gen.num_levels} levels"
             )
@@ -160,7 +160,7 @@ class Detector(nn.Module):
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
         expected = self.anchor_generator.num_levels
         if len(sizes) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"the backbone gives {len(sizes)} feature maps {sizes} but the anchor generator "
                 f"is configured for {expected} levels"
             )

@@ -34,6 +34,7 @@ __all__ = [
     "MATCHERS",
     "PLUGIN_GROUP",
     "POSTPROCESS",
+    "ConfigError",
     "Registry",
     "RegistryError",
     "load_plugins",
@@ -49,6 +50,15 @@ class RegistryError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(ValueError, TypeError):
+    """A registered component cannot be built from its config: an option it does not take,
+    or a value it refuses (the message names the component and says why).
+
+    A ``ValueError`` and a ``TypeError`` both (what the constructor raised), so callers that
+    catch either keep working; the apps report it as a one-line user error.
+    """
 
 
 class Registry:
@@ -110,8 +120,19 @@ class Registry:
             raise RegistryError(self._unknown_message(name)) from None
 
     def build(self, name: str, **kwargs: Any) -> Any:
-        """Call the factory registered as ``name`` with keyword arguments."""
-        return self.get(name)(**kwargs)
+        """Call the factory registered as ``name`` with keyword arguments.
+
+        A plain ``TypeError`` or ``ValueError`` of the factory (an unknown option, a refused
+        value) becomes a :class:`ConfigError` naming the component, the original as its
+        cause; their subclasses (a data source's ``DataError``) pass unchanged.
+        """
+        factory = self.get(name)
+        try:
+            return factory(**kwargs)
+        except (TypeError, ValueError) as exc:
+            if type(exc) not in (TypeError, ValueError):
+                raise
+            raise ConfigError(f"{self.kind} {name!r}: {exc}") from exc
 
     def names(self) -> list[str]:
         """All registered names, sorted."""

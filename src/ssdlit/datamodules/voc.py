@@ -425,7 +425,18 @@ class VOCSource(Source):
             return candidate
         if self.root.name == f"VOC{year}":
             return self.root
-        raise FileNotFoundError(f"VOC year folder not found: {candidate}")
+        hint = (
+            "data.root is the VOCdevkit folder holding VOC2007/ and VOC2012/ (or one year's "
+            "folder with splits given as set names)"
+        )
+        if any(self.root.glob("*/*.xml")):
+            hint += (
+                f"; {self.root} holds XML files in a folder of its own: for that layout add "
+                "data.source.layout=flat (+data.source.images_dir=... and "
+                "+data.source.annotations_dir=... for folder names other than images/ and "
+                "annotations/) and data.val=null or a val split of your own"
+            )
+        raise FileNotFoundError(f"VOC year folder not found: {candidate}; {hint}")
 
     def _parse(self, xml: Path, **kwargs: Any) -> RawImage | DataError:
         try:
@@ -455,7 +466,12 @@ class VOCSource(Source):
         ann_dir = self.root / annotations_dir
         img_dir = self.root / images_dir
         if not ann_dir.is_dir():
-            raise FileNotFoundError(f"annotations folder not found: {ann_dir}")
+            raise FileNotFoundError(
+                f"annotations folder not found: {ann_dir} (the flat VOC layout reads "
+                f"{self.root}/<annotations_dir>/*.xml and <images_dir>/; set "
+                "+data.source.annotations_dir=... and +data.source.images_dir=... for other "
+                "folder names)"
+            )
         if split_file is not None:
             split_path = Path(split_file)
             if not split_path.is_absolute():
