@@ -54,11 +54,9 @@ def flat_voc(root: Path, n: int = 6) -> Path:
 def flat_data(root: Path) -> list[str]:
     """The data overrides of the flat VOC folder ``root`` (any app)."""
     return [
-        "data=voc",
+        "data=voc_folder",
         f"data.root={root}",
-        "data.source.layout=flat",
-        "~data.train.splits",
-        "~data.val.splits",
+        "data.val={}",  # validate on the same images
         "data.num_workers=0",
         "data.persistent_workers=false",
         "data.batch_size=2",
@@ -174,7 +172,7 @@ def test_value_a_component_refuses(runs) -> None:
 
 def test_a_flat_folder_given_as_a_devkit_says_how_to_read_it(runs) -> None:
     line = one_line_error(runs["flat_folder_as_a_devkit"], "inspect")
-    assert "VOC2007" in line and "data.source.layout=flat" in line
+    assert "VOC2007" in line and "data=voc_folder" in line
 
 
 def test_full_error_shows_the_traceback(runs) -> None:

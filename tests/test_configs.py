@@ -246,6 +246,17 @@ def _tiny_voc_devkit(root: Path) -> Path:
     return root
 
 
+def _tiny_voc_folder(root: Path) -> Path:
+    """A flat VOC folder (images/, annotations/) of 3 images, ids listed in train.txt / val.txt."""
+    from tests.data_builders import add_flat_item
+
+    for i, name in enumerate(("dog", "cat", "dog")):
+        add_flat_item(root, f"img{i}", [{"name": name, "box": (2, 2, 20, 16)}])
+    (root / "train.txt").write_text("img0\nimg1\n")
+    (root / "val.txt").write_text("img2\n")
+    return root
+
+
 def _tiny_csv(root: Path) -> tuple[Path, Path]:
     from PIL import Image
 
@@ -272,6 +283,11 @@ def test_data_options(name, tmp_path):
         "csv": [f"data.train_csv={tmp_path}/csv/train.csv", f"data.val_csv={tmp_path}/csv/val.csv"],
         "coco": [f"data.root={tmp_path}/coco"],
         "raccoon": ["data.cache_images=false"],  # parse and count, do not decode
+        "voc_folder": [
+            f"data.root={tmp_path}/mine",
+            "data.train.split_file=train.txt",
+            "data.val={split_file: val.txt}",
+        ],
     }[name]
     cfg = compose_cfg([f"data={name}", "data.num_workers=0", *overrides])
     specs = split_specs(cfg.data)
@@ -284,16 +300,24 @@ def test_data_options(name, tmp_path):
     elif name == "coco":
         assert specs["val"]["annotation_file"].endswith("instances_val2017.json")
         return  # no COCO on disk: composing and resolving is the check
+    elif name == "voc_folder":
+        _tiny_voc_folder(tmp_path / "mine")
     elif name == "raccoon":
         require_dataset(RACCOON, "the raccoon dataset")  # fails instead of skipping under CI
     dm = build_datamodule(cfg.data, cfg.augment, cfg.image_size)
     dm.setup("fit")
     assert len(dm.dataset("train")) > 0 and len(dm.dataset("val")) > 0
-    expected = {"synthetic": None, "voc": SHAPES, "csv": ["cat", "dog"], "raccoon": ["raccoon"]}[
-        name
-    ]
+    expected = {
+        "synthetic": None,
+        "voc": SHAPES,
+        "csv": ["cat", "dog"],
+        "raccoon": ["raccoon"],
+        "voc_folder": ["cat", "dog"],  # the names in the XML files, sorted
+    }[name]
     if expected is not None:
         assert dm.class_names == expected
+    if name == "voc_folder":  # the id lists split the folder
+        assert (len(dm.dataset("train")), len(dm.dataset("val"))) == (2, 1)
     if name == "raccoon":
         assert (len(dm.dataset("train")), len(dm.dataset("val"))) == (160, 40)
 

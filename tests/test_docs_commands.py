@@ -7,11 +7,11 @@ brackets such as ``[data=...]`` dropped, ``VAR=value`` prefixes kept as environm
 a command added or changed there is tested as written. Each runs with its own arguments,
 where the placeholders become tiny local stand-ins:
 
-- ``ckpt=...`` -> the checkpoint of a tiny run trained once for this module (and
+- ``ckpt=...`` and ``init_from=...`` -> the checkpoint of a tiny run trained once for this module (and
   ``hydra.run.dir=outputs/train/<run>`` -> a copy of that run's folder);
 - ``input=...`` -> a folder of two images;
 - ``data.root=...`` of a VOC devkit -> a generated VOCdevkit (VOC2007 + VOC2012, the
-  paper's split lists); the raccoon data (``SSDLIT_RACCOON_DIR``) -> a generated folder of
+  paper's split lists); of ``data=voc_folder`` -> a generated flat VOC folder; the raccoon data (``SSDLIT_RACCOON_DIR``) -> a generated folder of
   the same layout; ``data.*_csv`` / ``data.images_dir`` -> a generated CSV dataset;
 - ``--config-dir my_conf`` -> a folder with ``experiment/mine.yaml``;
 
@@ -167,6 +167,16 @@ def voc_devkit(root: Path) -> Path:
     return root
 
 
+def voc_folder(root: Path, n: int = 4) -> Path:
+    """A flat VOC folder: ``images/`` and ``annotations/`` of ``n`` images of cats and dogs."""
+    for i in range(n):
+        write_image(root / "images" / f"img{i}.jpg", 64, 48)
+        obj = {"name": ("cat", "dog")[i % 2], "box": (5, 5, 40, 30)}
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"img{i}.xml").write_text(voc_xml(f"img{i}.jpg", 64, 48, [obj]))
+    return root
+
+
 def csv_dataset(root: Path, n_train: int, n_test: int, cls: str = "raccoon") -> Path:
     """``images/``, ``train_labels.csv``, ``test_labels.csv`` (the raccoon layout, 1-based)."""
     header = "filename,width,height,class,xmin,ymin,xmax,ymax"
@@ -189,6 +199,7 @@ class Stage:
     run_dir: Path
     photos: Path
     voc: Path
+    voc_folder: Path
     raccoon: Path
     csv: Path
     my_conf: Path
@@ -269,6 +280,7 @@ def stage(tmp_path_factory) -> Stage:
         run_dir=run_dir,
         photos=photos,
         voc=voc_devkit(tmp / "VOCdevkit"),
+        voc_folder=voc_folder(tmp / "mine"),
         raccoon=csv_dataset(tmp / "raccoon", 4, 2),
         csv=csv_dataset(tmp / "csv", 4, 2, cls="car"),
         my_conf=my_conf,
@@ -302,12 +314,18 @@ def substitute(
             next(it)
             config_dir = st.my_conf
             args += ["--config-dir", str(st.my_conf)]
-        elif key == "ckpt":
-            args.append(f"ckpt={st.ckpt}")
+        elif key in ("ckpt", "init_from"):
+            args.append(f"{key}={st.ckpt}")
         elif key == "input":
             args.append(f"input={st.photos}")
         elif key == "data.root":
-            args.append(f"data.root={st.raccoon if 'raccoon' in ' '.join(cmd.args) else st.voc}")
+            words = " ".join(cmd.args)
+            if "raccoon" in words:
+                args.append(f"data.root={st.raccoon}")
+            elif "data=voc_folder" in words:
+                args.append(f"data.root={st.voc_folder}")
+            else:
+                args.append(f"data.root={st.voc}")
         elif key in ("data.train_csv", "data.val_csv"):
             split = "train" if key == "data.train_csv" else "test"
             args.append(f"{key}={st.csv / f'{split}_labels.csv'}")

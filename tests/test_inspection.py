@@ -76,11 +76,9 @@ def test_inspect_decodes_every_image_by_default(tmp_path):
     add_flat_item(root, "broken", [{"name": "cat", "box": (1, 1, 5, 5)}], image=False)
     corrupt_jpeg(root / "images" / "broken.jpg")
     overrides = [
-        "data=voc",
+        "data=voc_folder",
         f"data.root={root}",
-        "data.source.layout=flat",
         "data.source.on_bad=skip",
-        "data.val=null",
         f"+paths.output_dir={tmp_path / 'run'}",
     ]
     with initialize_config_module("ssdlit.conf", version_base="1.3"):

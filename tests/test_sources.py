@@ -380,12 +380,10 @@ def test_flat_voc_folder_takes_its_classes_from_the_xml_files(tmp_path: Path):
 
     cfg = _compose(
         [
-            "data=voc",
+            "data=voc_folder",
             f"data.root={root}",
-            "data.source.layout=flat",
-            "+data.source.images_dir=JPEGs",
-            "+data.source.annotations_dir=xml",
-            "data.val=null",
+            "data.source.images_dir=JPEGs",
+            "data.source.annotations_dir=xml",
             "data.num_workers=0",
         ]
     )
@@ -472,3 +470,16 @@ def test_splits_share_the_training_classes(tmp_path: Path):
     dm = build_datamodule(data, None, 32)
     assert dm.class_names == ["cat", "dog"]
     assert [int(r.labels[0]) for r in dm.dataset("val").records] == [2]
+
+
+def test_flat_layout_refuses_devkit_splits(tmp_path):
+    # data=voc with layout=flat used to ignore the devkit's split lists, so the val split
+    # silently read every training image; the flat layout now says how to read the folder.
+    from ssdlit.registry import ConfigError
+    from tests.data_builders import add_flat_item
+
+    root = tmp_path / "mine"
+    add_flat_item(root, "a", [{"name": "cat", "box": (2, 2, 20, 16)}])
+    with pytest.raises(ConfigError, match="data=voc_folder"):
+        DATASETS.build("voc", root=str(root), layout="flat", splits=[["2007", "test"]])
+    assert [r.image_id for r in VOCSource(root=root, layout="flat").records] == ["a"]

@@ -262,11 +262,9 @@ def test_init_from_a_checkpoint_with_other_classes(trained, tmp_path):
         "ssdlit.train",
         [
             f"init_from={source}",
-            "data=voc",
+            "data=voc_folder",
             f"data.root={tmp_path}/flat",
-            "data.source.layout=flat",
-            "~data.train.splits",
-            "~data.val.splits",
+            "data.val={}",
             "data.class_names=[square,hexagon,circle]",
             "data.num_workers=0",
             "data.persistent_workers=false",

@@ -386,6 +386,12 @@ class VOCSource(Source):
                 raise ValueError("the devkit layout needs splits, e.g. [['2007', 'trainval']]")
             parsed = [p for year, s in _normalise_splits(splits) for p in self._devkit(year, s)]
         else:
+            if splits is not None:
+                raise ValueError(
+                    f"the flat layout reads every XML file of {self.root / annotations_dir} "
+                    "(or the ids listed in split_file) and takes no devkit splits "
+                    f"{splits!r}; for a folder of your own use data=voc_folder"
+                )
             parsed = self._flat(images_dir, annotations_dir, split_file)
 
         if classes is None:
@@ -431,10 +437,8 @@ class VOCSource(Source):
         )
         if any(self.root.glob("*/*.xml")):
             hint += (
-                f"; {self.root} holds XML files in a folder of its own: for that layout add "
-                "data.source.layout=flat (+data.source.images_dir=... and "
-                "+data.source.annotations_dir=... for folder names other than images/ and "
-                "annotations/) and data.val=null or a val split of your own"
+                f"; {self.root} holds XML files in a folder of its own: read it with "
+                "data=voc_folder (images/ + annotations/)"
             )
         raise FileNotFoundError(f"VOC year folder not found: {candidate}; {hint}")
 
