@@ -18,13 +18,36 @@ from torch import Tensor
 
 from ssdlit.boxes import convert
 
-__all__ = ["AnchorGenerator", "PerLevel", "pair_per_level"]
+__all__ = ["AnchorGenerator", "PerLevel", "grid_boxes", "pair_per_level"]
 
 Number = int | float
 #: One number per level or a (y, x) pair per level.
 PerLevel = Sequence[Number | Sequence[Number]]
 
 CLIP_MODES = (False, True, "ssd_keras", "unit")
+
+
+def grid_boxes(cx: Tensor, cy: Tensor, wh: Tensor) -> Tensor:
+    """The boxes of one level ``[fh * fw * n, 4]`` cxcywh, in the order (row y, column x, box).
+
+    Args:
+        cx: ``[fw]`` cell centres along x; cy: ``[fh]`` along y.
+        wh: ``[n, 2]`` the widths and heights of a cell's boxes (the same units as the
+            centres), or ``[fh, fw, n, 2]`` when they differ from cell to cell.
+    """
+    fh, fw, n = cy.shape[0], cx.shape[0], wh.shape[-2]
+    cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each
+    wh = wh.expand(fh, fw, n, 2)
+    boxes = torch.stack(
+        (
+            cx_grid[:, :, None].expand(fh, fw, n),
+            cy_grid[:, :, None].expand(fh, fw, n),
+            wh[..., 0],
+            wh[..., 1],
+        ),
+        dim=-1,
+    )  # [fh, fw, n, 4]
+    return boxes.reshape(-1, 4)
 
 
 def pair_per_level(
@@ -128,11 +151,8 @@ class AnchorGenerator(ABC):
         for level, (size, step, offset) in enumerate(self._grids(feature_sizes)):
             cx, cy, sx, sy = self._centres(size, step, offset)
             n = len(self.cell_sizes(level))
-            cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each
-            cell = torch.stack(
-                (cx_grid, cy_grid, torch.full_like(cx_grid, sx), torch.full_like(cx_grid, sy)), -1
-            )  # [fh, fw, 4] pixels
-            parts.append(cell[:, :, None, :].expand(*cell.shape[:2], n, 4).reshape(-1, 4))
+            step_wh = torch.tensor([[sx, sy]], dtype=torch.float64).expand(n, 2)  # [n, 2]
+            parts.append(grid_boxes(cx, cy, step_wh))  # [fh * fw * n, 4] pixels
         scale = torch.tensor([self.image_size[1], self.image_size[0]] * 2, dtype=torch.float64)
         return (torch.cat(parts, dim=0) / scale).to(device=device, dtype=dtype)
 
@@ -177,21 +197,9 @@ class AnchorGenerator(ABC):
         offset: tuple[float, float] | None,
     ) -> Tensor:
         img_h, img_w = self.image_size
-        fh, fw = feature_size
         cx, cy, _, _ = self._centres(feature_size, step, offset)
         f64 = torch.float64
-        wh = self.cell_sizes(level).to(f64)  # [n, 2]
-        n = wh.shape[0]
-        cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each
-        boxes = torch.stack(
-            (
-                cx_grid[:, :, None].expand(fh, fw, n),
-                cy_grid[:, :, None].expand(fh, fw, n),
-                wh[:, 0].expand(fh, fw, n),
-                wh[:, 1].expand(fh, fw, n),
-            ),
-            dim=-1,
-        )  # [fh, fw, n, 4] cxcywh pixels
+        boxes = grid_boxes(cx, cy, self.cell_sizes(level).to(f64))  # [fh * fw * n, 4] pixels
         scale = torch.tensor([img_w, img_h, img_w, img_h], dtype=f64)
         if not self.clip:
             # Straight in cxcywh: every anchor of one prior keeps exactly the same w, h.

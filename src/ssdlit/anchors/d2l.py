@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ssdlit.anchors.base import AnchorGenerator
+from ssdlit.anchors.base import AnchorGenerator, grid_boxes
 from ssdlit.registry import ANCHORS
 
 __all__ = ["D2LAnchorGenerator", "d2l_shapes"]
@@ -114,18 +114,7 @@ class D2LAnchorGenerator(AnchorGenerator):
         for level, size in enumerate(feature_sizes):
             fh, fw = int(size[0]), int(size[1])
             wh = self._normalised_wh(level, (fh, fw))  # [n, 2]
-            n = wh.shape[0]
             cy = (torch.arange(fh, dtype=f64) + 0.5) / fh  # [fh]
             cx = (torch.arange(fw, dtype=f64) + 0.5) / fw  # [fw]
-            cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each
-            boxes = torch.stack(
-                (
-                    cx_grid[:, :, None].expand(fh, fw, n),
-                    cy_grid[:, :, None].expand(fh, fw, n),
-                    wh[:, 0].expand(fh, fw, n),
-                    wh[:, 1].expand(fh, fw, n),
-                ),
-                dim=-1,
-            )  # [fh, fw, n, 4]
-            levels.append(boxes.reshape(-1, 4))
+            levels.append(grid_boxes(cx, cy, wh))  # [fh * fw * n, 4]
         return torch.cat(levels, dim=0).to(device=device, dtype=dtype)
