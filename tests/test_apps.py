@@ -337,3 +337,27 @@ def test_predict_folder_writes_json_in_original_pixels_and_pictures(apps: Apps) 
     odd = json.loads((out / "odd.json").read_text())
     assert (odd["width"], odd["height"]) == ODD_SIZE
     assert max(d["box"][2] for d in odd["detections"]) > 128
+
+
+def test_predict_on_an_unreadable_image_stops_or_leaves_it_out(apps: Apps) -> None:
+    from ssdlit.predict import main
+
+    folder = apps.tmp / "photos_with_a_broken_one"
+    folder.mkdir()
+    good = sorted(p for p in apps.photos.iterdir() if p.suffix == ".jpg")
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    common = [f"ckpt={apps.ckpt}", f"input={folder}", "batch_size=2"]
+    run = run_app(main, "ssdlit.predict", [*common, f"hydra.run.dir={apps.tmp}/bad1"])
+    assert run.returncode == 2, run
+    assert "broken.jpg" in run.stderr and "on_bad=skip" in run.stderr
+    assert "Traceback" not in run.stderr
+    out = apps.tmp / "bad2"
+    overrides = [*common, "on_bad=skip", f"output={out}", f"hydra.run.dir={apps.tmp}/bad2run"]
+    run = run_app(main, "ssdlit.predict", overrides)
+    assert run.returncode == 0, run
+    # Every readable image written once; the broken one left out and named in the log.
+    assert sorted(p.name for p in out.glob("*.json")) == sorted(f"{p.stem}.json" for p in good)
+    log = (apps.tmp / "bad2run" / "predict.log").read_text()
+    assert "1 image(s) could not be read and were left out" in log and "broken.jpg" in log

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ssdlit.cli import UsageError, checkpoint_path, hydra_app, load_module
-from ssdlit.datamodules import DetectionDataModule, Record, to_original_pixels
+from ssdlit.datamodules import DataError, DetectionDataModule, Record, to_original_pixels
 from ssdlit.datamodules.datamodule import predict_records
 from ssdlit.module import plain
 from ssdlit.training.runs import limit_opencv_threads, run_dir, set_threads, write_json
@@ -158,6 +158,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     class_names = module.class_names
     threshold = float(cfg.get("score_threshold", 0.3))
     augment = plain(cfg.get("augment")) or {}
+    on_bad = str(cfg.get("on_bad", "error"))
     datamodule = DetectionDataModule(
         predict=records,
         class_names=class_names,
@@ -165,6 +166,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         augment={"predict": augment.get("eval", "val")},
         eval_batch_size=int(cfg.get("batch_size", 8)),
         num_workers=int(cfg.get("num_workers", 0)),
+        on_bad=on_bad,
     )
     log.info(
         "%s: %d images, classes %s, input %s, output %s",
@@ -177,23 +179,23 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     by_path = {str(r.path): r for r in records}
     names: dict[str, int] = {}
     results: list[dict[str, Any]] = []
-    for batch in datamodule.predict_dataloader():
-        with torch.inference_mode():
-            detections = module(batch["images"].to(device))
-        for det, meta in zip(detections, batch["meta"], strict=True):
-            result, pixel_det = _image_result(det, meta, class_names, threshold)
-            stem = safe_name(meta["image_id"])
-            names[stem] = names.get(stem, 0) + 1
-            if names[stem] > 1:  # two ids that sanitise to one name
-                stem = f"{stem}_{names[stem]}"
-            result["picture"] = str(
-                _draw(by_path[meta["path"]], pixel_det, class_names, out_dir / f"{stem}.png")
+    done: set[str] = set()
+    try:
+        for batch in datamodule.predict_dataloader():
+            with torch.inference_mode():
+                detections = module(batch["images"].to(device))
+            results += _write_batch(
+                detections, batch["meta"], by_path, done, names, class_names, threshold, out_dir
             )
-            json_path = write_json(result, out_dir / f"{stem}.json")
-            print(
-                _summary_line(Path(meta["path"]).name, result["detections"], json_path), flush=True
-            )
-            results.append(result)
+    except DataError as err:
+        raise UsageError(f"{err} (on_bad=skip leaves out the images that cannot be read)") from err
+    skipped = [str(r.path) for r in records if str(r.path) not in done]
+    if skipped:  # on_bad=skip: their places were taken by other images, written once
+        log.warning(
+            "%d image(s) could not be read and were left out (on_bad=skip): %s",
+            len(skipped),
+            ", ".join(skipped),
+        )
     total = sum(len(r["detections"]) for r in results)
     log.info(
         "%d images, %d detections (score >= %g) written to %s",
@@ -202,6 +204,36 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         threshold,
         out_dir,
     )
+    return results
+
+
+def _write_batch(
+    detections: list[Tensor],
+    metas: list[dict[str, Any]],
+    by_path: dict[str, Record],
+    done: set[str],
+    names: dict[str, int],
+    class_names: Sequence[str],
+    threshold: float,
+    out_dir: Path,
+) -> list[dict[str, Any]]:
+    """Write the JSON and picture of each image of a batch not written yet; their results."""
+    results = []
+    for det, meta in zip(detections, metas, strict=True):
+        if meta["path"] in done:  # a stand-in for an image that could not be read
+            continue
+        done.add(meta["path"])
+        result, pixel_det = _image_result(det, meta, class_names, threshold)
+        stem = safe_name(meta["image_id"])
+        names[stem] = names.get(stem, 0) + 1
+        if names[stem] > 1:  # two ids that sanitise to one name
+            stem = f"{stem}_{names[stem]}"
+        result["picture"] = str(
+            _draw(by_path[meta["path"]], pixel_det, class_names, out_dir / f"{stem}.png")
+        )
+        json_path = write_json(result, out_dir / f"{stem}.json")
+        print(_summary_line(Path(meta["path"]).name, result["detections"], json_path), flush=True)
+        results.append(result)
     return results
 
 
