@@ -28,6 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+#: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 TIMEOUT = 300
 SCORE_THRESHOLD = 0.05  # low: even the barely trained model has detections above it

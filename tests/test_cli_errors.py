@@ -25,6 +25,9 @@ from omegaconf import OmegaConf
 
 from tests.data_builders import add_flat_item, corrupt_jpeg
 
+#: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ENV.pop("HYDRA_FULL_ERROR", None)

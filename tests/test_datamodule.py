@@ -460,3 +460,44 @@ def test_undecodable_image_skipped_at_parse_through_the_config(tmp_path):
     report = dm.reports["train"]
     assert report.counts("error") == {"unreadable_image": 1} and report.skipped_images == 1
     assert report.counts("note") == {"truncated_image": 1}
+
+
+def test_workers_start_after_multithreaded_opencv_in_the_parent(tmp_path):
+    # A process that has run a multi-threaded OpenCV operation (albumentations, drawing the
+    # synthetic data) and then forks loader workers: seed_worker's cv2.setNumThreads(1) on
+    # the inherited, threadless pool blocked forever. Own process: OpenCV state is global.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import cv2, numpy as np
+        from PIL import Image
+        from ssdlit.datamodules import DetectionDataModule
+        from ssdlit.datamodules.records import Record
+        cv2.setNumThreads(2)
+        big = np.zeros((2000, 2000, 3), np.uint8)
+        for _ in range(3):
+            cv2.resize(big, (1500, 1500))  # starts OpenCV's thread pool here
+        records = []
+        for i in range(4):
+            path = "{tmp_path}/im%d.png" % i
+            Image.new("RGB", (40, 30), (i * 50, 80, 120)).save(path)
+            records.append(Record(path=path, width=40, height=30,
+                                  boxes=np.array([[2, 2, 20, 20]], np.float32),
+                                  labels=np.array([1]), image_id=str(i)))
+        dm = DetectionDataModule(train=(records, ["thing"]), image_size=(32, 32),
+                                 batch_size=2, num_workers=2, augment={{"train": "light"}})
+        dm.setup("fit")
+        print("batches", sum(1 for _ in dm.train_dataloader()))
+        """
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the loader's workers hung at start (OpenCV pool inherited across fork)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batches 2" in done.stdout

@@ -44,6 +44,9 @@ import pytest
 
 from tests.data_builders import voc_xml, write_image
 
+#: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("train", "evaluate", "predict", "export", "inspect")
 

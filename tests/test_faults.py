@@ -23,6 +23,9 @@ import torch
 from ssdlit.training.builders import build_trainer
 from ssdlit.training.checkpoint import AtomicCheckpointIO, atomic_torch_save, load_checkpoint
 
+#: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 STEPS_PER_EPOCH = 4  # 16 training images, batch 4, drop_last
 
 

@@ -105,6 +105,7 @@ def _run(code: str, path: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e  # installs a plugin distribution and starts Python
 def test_plugin_distribution_registers_a_head(tmp_path):
     _write_distribution(tmp_path, "ssdlit_demo_plugin", PLUGIN, "demo")
     proc = _run(
@@ -127,6 +128,7 @@ def test_plugin_distribution_registers_a_head(tmp_path):
     assert result["shape"] == [1, 12, 5, 5]
 
 
+@pytest.mark.e2e  # starts Python with a broken plugin
 def test_broken_plugin_names_itself(tmp_path):
     _write_distribution(
         tmp_path, "ssdlit_broken_plugin", "raise ImportError('missing dependency xyz')\n", "broken"

@@ -24,6 +24,9 @@ from ssdlit.module import DetectionModule
 from ssdlit.training.builders import build_datamodule
 from ssdlit.training.evaluation import DetectionEvaluator, batch_to_metric_inputs
 
+#: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 
 def tiny(data_root: Path) -> list[str]:
     return [

@@ -15,6 +15,9 @@ import sys
 import pytest
 import torch
 
+#: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
+pytestmark = pytest.mark.e2e
+
 TINY = [
     "trainer.log_every_n_steps=1",
     "trainer.max_epochs=2",

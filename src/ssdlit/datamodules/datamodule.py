@@ -568,6 +568,11 @@ class DetectionDataModule(pl.LightningDataModule):
                 f"(data.batch_size={self.batch_size}) with data.drop_last=true: no batch would "
                 "be trained on; lower data.batch_size or set data.drop_last=false"
             )
+        if self.num_workers > 0:
+            # One OpenCV thread here before the workers fork: a worker inherits this
+            # process's OpenCV thread pool without its threads, and seed_worker's
+            # cv2.setNumThreads(1) on such a pool blocks forever (pthread_cond_destroy).
+            cv2.setNumThreads(1)
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
