@@ -187,7 +187,8 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, default=Path("/work/shared/datasets/raccoon"))
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    parser.add_argument("--root", type=Path, default=shared / "datasets" / "raccoon")
     parser.add_argument("--passes", type=int, default=7, help="timed passes over the images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

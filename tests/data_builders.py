@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-RACCOON_DEFAULT = "/work/shared/datasets/raccoon"
+#: The raccoon dataset next to the checkout (``../shared/datasets/raccoon``), where
+#: ``conf/data/raccoon.yaml`` looks for it too; ``SSDLIT_RACCOON_DIR`` overrides both.
+RACCOON_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon"
 
 
 def require_dataset(path: str | Path, what: str) -> Path:

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.e2e
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 TIMEOUT = 300
 SCORE_THRESHOLD = 0.05  # low: even the barely trained model has detections above it
-ODD_SIZE = (200, 96)  # (width, height) of an image the network sees stretched to 128x128
+ODD_SIZE = (200, 96)  # (width, height) of an image the network sees stretched to 64x64
 
 
 @dataclass
@@ -102,38 +102,23 @@ class Apps:
 
 
 @pytest.fixture(scope="module")
-def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
+def apps(tmp_path_factory: pytest.TempPathFactory, tiny) -> Iterator[Apps]:
     apps = Apps(tmp_path_factory.mktemp("apps"))
     tmp = apps.tmp
-    apps.start(
-        "train",
-        "ssdlit.train",
-        [
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
-            "data.source.num_images={train: 16, val: 8, test: 8}",
-            f"data.source.root={apps.data}",
-            "data.batch_size=4",  # drop_last=true with the default 32 leaves no batch of 16
-            "data.eval_batch_size=8",
-            "data.num_workers=0",
-            "data.persistent_workers=false",
-            "data.cache_images=false",
-            "logger=none",
-            "callbacks.image_logger=null",
-            "evaluate.val=false",
-            "evaluate.test=false",
-            "metrics.coco=false",
-            "picture.enabled=false",
-            f"hydra.run.dir={tmp}/run",
-        ],
+    overrides = tiny.run(
+        apps.data,
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "data.cache_images=false",
+        "callbacks.image_logger=null",
+        "evaluate.val=false",
+        "evaluate.test=false",
     )
+    apps.start("train", "ssdlit.train", [*overrides, f"hydra.run.dir={tmp}/run"])
     try:
         # Inspect (its own small dataset) runs in this process while the model trains.
-        from ssdlit.inspect import main as inspect_main
+        from ssdlit.apps.inspect import main as inspect_main
 
         apps.inspect = run_app(
             inspect_main,
@@ -227,7 +212,7 @@ def class_names_of(apps: Apps) -> list[str]:
 
 
 def test_predict_single_image_into_the_run_folder(apps: Apps) -> None:
-    from ssdlit.predict import main
+    from ssdlit.apps.predict import main
 
     out = apps.tmp / "pred_single"
     overrides = [
@@ -243,7 +228,7 @@ def test_predict_single_image_into_the_run_folder(apps: Apps) -> None:
 
 
 def test_missing_checkpoint_is_a_clear_error(apps: Apps) -> None:
-    from ssdlit.predict import main
+    from ssdlit.apps.predict import main
 
     missing = apps.tmp / "no" / "such" / "model.ckpt"
     overrides = [f"ckpt={missing}", f"input={apps.photos}", f"hydra.run.dir={apps.tmp}/err1"]
@@ -254,7 +239,7 @@ def test_missing_checkpoint_is_a_clear_error(apps: Apps) -> None:
 
 
 def test_glob_matching_nothing_is_a_clear_error(apps: Apps) -> None:
-    from ssdlit.predict import main
+    from ssdlit.apps.predict import main
 
     pattern = f"{apps.photos}/*.gif"
     overrides = [f"ckpt={apps.ckpt}", f"input={pattern}", f"hydra.run.dir={apps.tmp}/err2"]
@@ -265,7 +250,7 @@ def test_glob_matching_nothing_is_a_clear_error(apps: Apps) -> None:
 
 
 def test_export_onnx_and_torchscript_verified(apps: Apps) -> None:
-    from ssdlit.export import main
+    from ssdlit.apps.export import main
 
     out = apps.tmp / "exported"
     overrides = [
@@ -336,14 +321,15 @@ def test_predict_folder_writes_json_in_original_pixels_and_pictures(apps: Apps) 
         assert f"{image.name}: " in run.stdout  # one summary line per image
         boxes += len(result["detections"])
     assert boxes > 0, run.stdout
-    # The 200x96 image: boxes are in its pixels, not the 128x128 network input's.
+    # The 200x96 image: boxes are in its pixels, not the 64x64 network input's (nor
+    # scaled by its height).
     odd = json.loads((out / "odd.json").read_text())
     assert (odd["width"], odd["height"]) == ODD_SIZE
-    assert max(d["box"][2] for d in odd["detections"]) > 128
+    assert max(d["box"][2] for d in odd["detections"]) > max(64, ODD_SIZE[1])
 
 
 def test_predict_on_an_unreadable_image_stops_or_leaves_it_out(apps: Apps) -> None:
-    from ssdlit.predict import main
+    from ssdlit.apps.predict import main
 
     folder = apps.tmp / "photos_with_a_broken_one"
     folder.mkdir()

@@ -82,6 +82,22 @@ def _check_maps(features, batch, maps, channels):
 
 
 @pytest.mark.parametrize(("name", "size", "maps", "channels"), CASES, ids=[c[0] for c in CASES])
+def test_feature_maps(name, size, maps, channels):
+    # The shapes alone, on the meta device (no arithmetic); the numbers: the next test.
+    with torch.device("meta"):
+        model = BACKBONES.build(name).eval()
+        _check_maps(model(torch.empty(2, 3, *size)), 2, maps, channels)
+    assert model.out_channels == channels
+
+
+#: The full-size networks cost seconds per image on a CPU: ``slow``.
+BATCH_CASES = [
+    pytest.param(*case, id=case[0], marks=[pytest.mark.slow] if case[0] != "ssd7" else [])
+    for case in CASES
+]
+
+
+@pytest.mark.parametrize(("name", "size", "maps", "channels"), BATCH_CASES)
 def test_feature_maps_and_batch_independence(name, size, maps, channels):
     torch.manual_seed(0)
     model = BACKBONES.build(name).eval()
@@ -232,6 +248,7 @@ def test_unreadable_weights_file_is_reported(empty_hub):
         vgg16_ssd300(pretrained=True)
 
 
+@pytest.mark.slow  # torchvision's whole VGG-16 (138M parameters) written and read back
 def test_pretrained_vgg_loads_from_cache_offline(empty_hub):
     torch.manual_seed(0)
     state = torchvision.models.vgg16(weights=None).state_dict()

@@ -1,4 +1,4 @@
-"""Every app ends a user error with one line on stderr and exit status 2 (issue 10, point 7).
+"""Every app ends a user error with one line on stderr and exit status 2.
 
 Each case runs the real command line (``python -m ssdlit.<app>``) in a subprocess; all of
 them start together (a module fixture) and each test checks one. The user errors: a config
@@ -54,19 +54,15 @@ def flat_voc(root: Path, n: int = 6) -> Path:
     return root
 
 
-def flat_data(root: Path) -> list[str]:
-    """The data overrides of the flat VOC folder ``root`` (any app)."""
+def flat_data(root: Path, tiny) -> list[str]:
+    """The data overrides of the flat VOC folder ``root`` (any app), loaded as in the tiny
+    run (tests/conftest.py) in batches of 2."""
     return [
         "data=voc_folder",
         f"data.root={root}",
         "data.val={}",  # validate on the same images
-        "data.num_workers=0",
-        "data.persistent_workers=false",
-        "data.batch_size=2",
+        *tiny.replace(tiny.loader, "data.batch_size=2"),
     ]
-
-
-TRAIN = ["image_size=[64,64]", "trainer.max_epochs=1", "logger=none"]
 
 
 def other_classes_checkpoint(path: Path) -> Path:
@@ -89,7 +85,7 @@ def other_classes_checkpoint(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Done]:
+def runs(tmp_path_factory, tiny) -> dict[str, Done]:
     tmp = tmp_path_factory.mktemp("cli_errors")
     good = flat_voc(tmp / "good")
     bad_xml = flat_voc(tmp / "bad_xml")
@@ -109,20 +105,20 @@ def runs(tmp_path_factory) -> dict[str, Done]:
         "undecodable_image_in_setup": (
             "train",
             [
-                *flat_data(bad_image),
-                *TRAIN,
+                *flat_data(bad_image, tiny),
+                *tiny.train,
                 "data.source.on_bad=error",
                 "++data.source.check_images=header",
                 "data.cache_images=true",  # decoded in the datamodule's setup (a Lightning hook)
             ],
             {},
         ),
-        "not_a_checkpoint": ("evaluate", [f"ckpt={not_ckpt}", *flat_data(good)], {}),
-        "classes_differ": ("evaluate", [f"ckpt={ckpt}", *flat_data(good)], {}),
+        "not_a_checkpoint": ("evaluate", [f"ckpt={not_ckpt}", *flat_data(good, tiny)], {}),
+        "classes_differ": ("evaluate", [f"ckpt={ckpt}", *flat_data(good, tiny)], {}),
         "export_missing_checkpoint": ("export", [f"ckpt={tmp}/no/such.ckpt"], {}),
         "inspect_bad_xml": (
             "inspect",
-            [*flat_data(bad_xml), "data.source.on_bad=error"],
+            [*flat_data(bad_xml, tiny), "data.source.on_bad=error"],
             {},
         ),
     }

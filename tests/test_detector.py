@@ -3,7 +3,13 @@ import torch
 import torchvision
 
 from ssdlit import Detector
-from ssdlit.exporting import export_onnx, export_torchscript, load_torchscript, verify_onnx
+from ssdlit.exporting import (
+    VerificationError,
+    export_onnx,
+    export_torchscript,
+    load_torchscript,
+    verify_onnx,
+)
 from ssdlit.heads import MultiBoxLoss
 
 SSD300_ANCHORS = {
@@ -170,7 +176,7 @@ def test_onnx_verification_catches_a_different_model(tmp_path):
     torch.manual_seed(1)
     other = tiny().eval()
     images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
-    with pytest.raises(AssertionError, match="disagree"):
+    with pytest.raises(VerificationError, match="disagree"):
         verify_onnx(other, path, images)
 
 
@@ -237,18 +243,39 @@ def test_anchor_tables_belong_to_the_detector_and_follow_its_anchors():
     det = _ssd7([0.08, 0.16, 0.32, 0.64, 0.96])
     tables = det.anchor_overlaps()
     assert torch.equal(tables.anchors, det.anchors) and det.anchor_overlaps() is tables  # once
+    # built from the generator's grid, not guessed from the floats: the sparse path
+    assert tables.sparse and tables.shapes == det.anchor_grid.shapes
     det.double()  # a new anchors buffer: new tables from it
-    assert det.anchor_overlaps().dtype == torch.float64
+    assert det.anchor_overlaps().dtype == torch.float64 and det.anchor_overlaps().sparse
     assert torch.equal(det.anchor_overlaps().anchors, det.anchors)
     with torch.no_grad():
-        det.anchors[:, 2:] *= 0.5  # changed in place: rebuilt
+        det.anchors[:, 2:] *= 0.5  # changed in place: rebuilt, no longer the grid's
     assert torch.equal(det.anchor_overlaps().anchors, det.anchors)
+    assert not det.anchor_overlaps().sparse  # the dense (reference) path
     gt_boxes = torch.tensor([[[0.1, 0.1, 0.3, 0.4]]], dtype=torch.float64)
     mask = torch.ones(1, 1, dtype=torch.bool)
     assert torch.equal(
         det.matcher(gt_boxes, mask, det.anchor_overlaps()),
         det.matcher(gt_boxes, mask, det.anchors.clone()),
     )
+
+
+def test_clipped_anchors_take_the_dense_path():
+    det = Detector.build(
+        num_classes=2,
+        image_size=(64, 64),
+        backbone={"name": "ssd7", "widths": [8, 8, 8, 8, 8, 8, 8]},
+        anchors={
+            "name": "ssd",
+            "scales": [0.1, 0.3, 0.5, 0.7, 0.9],
+            "aspect_ratios": [1.0, 2.0],
+            "clip": True,
+        },
+        head={"name": "ssd"},
+        matcher={"name": "ssd"},
+    )
+    assert det.anchor_grid.clip and torch.equal(det.anchor_grid.flat(), det.anchors)
+    assert not det.anchor_overlaps().sparse
 
 
 def test_yolo_detector_hands_its_head_the_generators_grid():

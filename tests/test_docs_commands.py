@@ -1,5 +1,4 @@
-"""Every ``python -m ssdlit.*`` command written in README.md and in the config comments runs
-(issue 10, point 8).
+"""Every ``python -m ssdlit.*`` command written in README.md and in the config comments runs.
 
 The commands are extracted from the text (code lines of the README, ``#`` comment lines of
 ``conf/**/*.yaml``; ``\\`` continuations joined, trailing ``# comments`` and synopsis
@@ -240,33 +239,19 @@ def run_in_process(module: str, argv: list[str], env: dict[str, str]) -> tuple[i
     return code, out.getvalue()
 
 
-SYNTHETIC = [
-    "data.source.image_size=64",
-    "data.source.num_images={train: 4, val: 2, test: 2}",
-]
-LOADER = ["data.num_workers=0", "data.persistent_workers=false", "data.batch_size=2"]
+#: The tiny run's data and loading (tests/conftest.py), smaller still: 4 / 2 / 2 images in
+#: batches of 2, for commands that run on the synthetic data.
+FEWER = ("data.source.num_images={train: 4, val: 2, test: 2}",)
+SMALL_BATCHES = ("data.batch_size=2", "data.eval_batch_size=2")
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory) -> Stage:
+def stage(tmp_path_factory, tiny) -> Stage:
     tmp = tmp_path_factory.mktemp("docs")
     run_dir = tmp / "trained"
+    overrides = tiny.run(tmp / "synthetic", *FEWER, *SMALL_BATCHES, "trainer.limit_train_batches=1")
     code, out = run_in_process(
-        "ssdlit.train",
-        [
-            *SYNTHETIC,
-            f"data.source.root={tmp}/synthetic",
-            *LOADER,
-            "data.eval_batch_size=2",
-            "image_size=[64,64]",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=1",
-            "logger=none",
-            "metrics.coco=false",
-            "picture.enabled=false",
-            f"hydra.run.dir={run_dir}",
-        ],
-        {"OMP_NUM_THREADS": "1"},
+        "ssdlit.train", [*overrides, f"hydra.run.dir={run_dir}"], {"OMP_NUM_THREADS": "1"}
     )
     assert code == 0, out[-3000:]
     photos = tmp / "photos"
@@ -295,7 +280,7 @@ def compose(config_name: str, overrides: list[str], config_dir: Path | None) -> 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from ssdlit.training.resolvers import register_resolvers
+    from ssdlit.config import register_resolvers
 
     register_resolvers()
     extra = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir else []
@@ -346,19 +331,20 @@ def substitute(
     return args, env, config_dir
 
 
-def speedups(app: str, args: list[str], cfg: object, case: Path, multirun: bool) -> list[str]:
+def speedups(app: str, args: list[str], cfg: object, case: Path, multirun: bool, tiny) -> list[str]:
     """Overrides that keep the command short (after its own, so they win)."""
     out = []
     keys = {a.partition("=")[0].lstrip("+~") for a in args}
     data = getattr(cfg, "data", None)
     source = getattr(data, "source", None) if data is not None else None
-    run_data = app == "evaluate" and "data" not in keys  # the trained run's data (point 8)
+    run_data = app == "evaluate" and "data" not in keys  # the trained run's data
     if source is not None:
         if source.get("name") == "synthetic" and not run_data:
-            out += [*SYNTHETIC, f"data.source.root={case}/synthetic"]
-        out += [o for o in LOADER if o.partition("=")[0] not in keys]
-        if "eval_batch_size" in data:
-            out.append("data.eval_batch_size=2")
+            out += [*tiny.replace(tiny.data, *FEWER), f"data.source.root={case}/synthetic"]
+        loader = tiny.replace(tiny.loader, *SMALL_BATCHES)
+        if "eval_batch_size" not in data:
+            loader = [o for o in loader if not o.startswith("data.eval_batch_size=")]
+        out += [o for o in loader if o.partition("=")[0] not in keys]
         if data.get("cache_images") is not None:
             out.append("data.cache_images=false")
     if app in ("train", "inspect") and "pretrained" in (cfg.get("backbone") or {}):
@@ -392,7 +378,7 @@ def _excluded(cmd: Command) -> str | None:
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{c.where}:{c.text[10:70]}" for c in COMMANDS])
-def test_documented_command_runs(cmd: Command, stage: Stage, tmp_path: Path) -> None:
+def test_documented_command_runs(cmd: Command, stage: Stage, tmp_path: Path, tiny) -> None:
     reason = _excluded(cmd)
     if reason is not None:
         assert not _optuna_installed(), (
@@ -415,7 +401,7 @@ def test_documented_command_runs(cmd: Command, stage: Stage, tmp_path: Path) -> 
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    argv = [*args, *speedups(app, hydra_args, composed, tmp_path, multirun)]
+    argv = [*args, *speedups(app, hydra_args, composed, tmp_path, multirun, tiny)]
     env = {**env, "OMP_NUM_THREADS": "1"}
     if any(a.startswith("trainer=ddp") for a in args):  # starts processes: a real command line
         proc = subprocess.run(

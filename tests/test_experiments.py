@@ -15,9 +15,9 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from ssdlit.anchors.matchers import IGNORE
+from ssdlit.anchors.matching import IGNORE
 from ssdlit.detector import build_component
-from ssdlit.registry import ANCHORS, MATCHERS
+from ssdlit.registry import ANCHORS, HEADS, MATCHERS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VOC_EXPERIMENTS = ("ssd300_voc", "ssd512_voc", "ssdlite_voc", "retina_voc", "yolo_voc")
@@ -75,9 +75,14 @@ def test_voc_experiments_state_the_papers_training_recipe(name):
 def test_ssd_experiments_match_and_mine_as_the_paper(name):
     cfg = experiment(name)
     assert OmegaConf.to_container(cfg.matcher) == SSD_MATCHING
-    for key, value in SSD_LOSS.items():
-        assert OmegaConf.to_container(cfg.head)[key] == value, key
-    assert cfg.head.mining == "per_image"  # Caffe's MultiBoxLoss mines image by image
+    # The loss the head builds (the values the config leaves out are the head's defaults).
+    spec = OmegaConf.to_container(cfg.head)
+    head = build_component(HEADS, spec, in_channels=[4] * 6, num_anchors=[4] * 6, num_classes=20)
+    loss = head.criterion
+    assert list(loss.coder.variances) == SSD_LOSS["variances"]
+    for key in ("neg_pos_ratio", "alpha", "beta"):
+        assert getattr(loss, key) == SSD_LOSS[key], key
+    assert loss.mining == "per_image"  # Caffe's MultiBoxLoss mines image by image
 
 
 def test_ssd300_voc_has_no_ignore_band():

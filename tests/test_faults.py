@@ -1,4 +1,4 @@
-"""Faults (issue 5): exact resume, a NaN loss stops the run, atomic checkpoints.
+"""Faults: exact resume, a NaN loss stops the run, atomic checkpoints.
 
 The training runs go through the real command line (``python -m ssdlit.train``) with a tiny
 synthetic dataset (16 training images of 64x64, batch 4: 4 steps per epoch) on the CPU in
@@ -29,32 +29,19 @@ pytestmark = pytest.mark.e2e
 STEPS_PER_EPOCH = 4  # 16 training images, batch 4, drop_last
 
 
-def tiny(data_root: Path) -> list[str]:
-    return [
-        # The components these tests were written against, whatever the demo selects.
-        "backbone=ssd7",
-        "anchors=ssd7",
-        "augment=ssd",
-        "optim=sgd",
-        f"data.source.root={data_root}",
-        "data.source.num_images={train: 16, val: 8, test: 8}",
-        "data.source.image_size=64",
-        "image_size=[64,64]",
-        "data.batch_size=4",
-        "data.eval_batch_size=8",
-        "data.num_workers=0",
-        "data.persistent_workers=false",
-        "trainer=cpu",  # deterministic algorithms on the CPU
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "logger=none",
-        "metrics.coco=false",
-        "evaluate.val=false",
-        "evaluate.test=false",
-        "picture.enabled=false",
-        "optim.lr=1e-2",
-        "optim.scheduler.warmup_steps=2",
-    ]
+#: The tiny run (tests/conftest.py) with the components these tests were written against,
+#: whatever the demo selects, deterministic on the CPU, 4 steps per epoch, no evaluation.
+FAULTS = (
+    "backbone=ssd7",
+    "anchors=ssd7",
+    "augment=ssd",
+    "optim=sgd",
+    "trainer=cpu",  # deterministic algorithms on the CPU
+    "evaluate.val=false",
+    "evaluate.test=false",
+    "optim.lr=1e-2",
+    "optim.scheduler.warmup_steps=2",
+)
 
 
 def start_train(overrides: list[str], run_dir: Path, cwd: Path) -> subprocess.Popen:
@@ -102,16 +89,19 @@ def tensors(obj, prefix=""):
 
 
 @pytest.mark.parametrize("workers", [0, 1], ids=["main_process", "one_worker"])
-def test_resume_from_last_equals_an_uninterrupted_run(tmp_path: Path, workers: int) -> None:
+def test_resume_from_last_equals_an_uninterrupted_run(tmp_path: Path, workers: int, tiny) -> None:
     """Run A: 2 epochs. Run B: 1 epoch, then ``ckpt_path=last`` up to 2 epochs in the same run
     folder. Both end with the same weights, optimiser state and schedule, bit for bit, with
     the data loaded in the main process and by a worker process (whose augmentation seed
     and first indices come with the iterator Lightning makes before the epoch starts)."""
     data = tmp_path / "data"
     run_a, run_b = tmp_path / "A", tmp_path / "B"
-    loader = [f"data.num_workers={workers}"]
-    a = start_train([*tiny(data), *loader, "trainer.max_epochs=2"], run_a, tmp_path)
-    b1 = start_train([*tiny(data), *loader, "trainer.max_epochs=1"], run_b, tmp_path)
+
+    def overrides(*more: str) -> list[str]:
+        return tiny.run(data, *FAULTS, f"data.num_workers={workers}", *more)
+
+    a = start_train(overrides("trainer.max_epochs=2"), run_a, tmp_path)
+    b1 = start_train(overrides("trainer.max_epochs=1"), run_b, tmp_path)
     for proc in (a, b1):
         done = finish(proc)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -119,9 +109,7 @@ def test_resume_from_last_equals_an_uninterrupted_run(tmp_path: Path, workers: i
     after_one = torch.load(last_b, weights_only=True, map_location="cpu")
     assert after_one["global_step"] == STEPS_PER_EPOCH
 
-    resumed = train(
-        [*tiny(data), *loader, "trainer.max_epochs=2", "ckpt_path=last"], run_b, tmp_path
-    )
+    resumed = train(overrides("trainer.max_epochs=2", "ckpt_path=last"), run_b, tmp_path)
     assert (
         f"Restoring states from the checkpoint path at {last_b}" in resumed.stderr + resumed.stdout
     )
@@ -156,19 +144,20 @@ def test_resume_from_last_equals_an_uninterrupted_run(tmp_path: Path, workers: i
 
 
 def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path,
+    tmp_path: Path, tiny
 ) -> None:
     """The schedule multiplies the learning rate by 1e30 at the first step of epoch 1: the
     weights explode and the loss turns NaN/inf a step or two later. The run exits with
     status 1 and a one-line message (no traceback) naming the step and the loss, the log
     file has it too, and last.ckpt (end of epoch 0) is intact, loadable and finite."""
     run_dir = tmp_path / "run"
-    overrides = [
-        *tiny(tmp_path / "data"),
+    overrides = tiny.run(
+        tmp_path / "data",
+        *FAULTS,
         "trainer.max_epochs=3",
         f"optim.scheduler.milestones=[{STEPS_PER_EPOCH}]",
         "optim.scheduler.gamma=1e30",
-    ]
+    )
     done = finish(start_train(overrides, run_dir, tmp_path))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     err = done.stderr

@@ -23,13 +23,13 @@ from ssdlit.heads import (
     SSDHead,
     SSDLiteHead,
     YoloHead,
-    encode_targets,
-    gather_targets,
-    hard_negative_mask,
+    background_loss,
+    mine_negatives,
     multibox_loss,
-    positive_targets,
 )
+from ssdlit.heads.losses import MINING, N_NEG_MIN, NEG_POS_RATIO
 from ssdlit.registry import HEADS
+from tests.dense_targets import encode_targets, gather_targets
 
 HEAD_NAMES = ["ssd", "ssdlite", "retina", "yolo"]
 C = 3  # object classes
@@ -38,6 +38,17 @@ IN_CHANNELS = [8, 16]
 # the shared retina predictors need one anchor count on every level
 NUM_ANCHORS = {"ssd": [4, 6], "ssdlite": [4, 6], "retina": [6, 6], "yolo": [4, 6]}
 SMALL = {"retina": {"channels": 16}, "yolo": {"hidden_channels": 8}}
+
+
+def hard_negative_mask(
+    loss, matches, neg_pos_ratio=NEG_POS_RATIO, n_neg_min=N_NEG_MIN, mining=MINING
+) -> torch.Tensor:
+    """The negatives :func:`mine_negatives` keeps, as a ``[B, A]`` mask."""
+    index, kept, budget, _ = mine_negatives(loss, matches, neg_pos_ratio, n_neg_min, mining)
+    mask = torch.zeros(matches.numel(), dtype=torch.bool)
+    mask[index[kept]] = True
+    assert kept.sum(1).tolist() == budget.tolist()
+    return mask.view(matches.shape)
 
 
 def build(name: str, num_anchors=None, in_channels=IN_CHANNELS, **kwargs) -> DetectionHead:
@@ -826,16 +837,18 @@ def test_yolo_loss_by_hand():
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_device_agnostic_on_meta_tensors(name):
-    """Everything runs on the device of the inputs (meta: any CPU tensor created inside
-    would raise), with anchors still on the CPU as a caller may pass them."""
+    """Forward, scores and decoding run on the device of the inputs (meta: any CPU tensor
+    created inside would raise), with anchors still on the CPU as a caller may pass them."""
     head = build(name).to("meta")
     feats = [f.to("meta") for f in features()]
     out = head(feats)
     a = out["box_deltas"].shape[1]
     gt_boxes, gt_labels, matches = random_targets(2, a, seed=6)
     anchors = random_anchors(a)
-    losses = head.loss(out, matches.to("meta"), gt_boxes.to("meta"), gt_labels.to("meta"), anchors)
-    losses["loss"].backward()
+    args = (out, matches.to("meta"), gt_boxes.to("meta"), gt_labels.to("meta"), anchors)
+    # every loss reads its gather sizes on the host once: no data on meta
+    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+        head.loss(*args)
     assert head.scores(out).device.type == "meta"
     assert head.decode_boxes(out, anchors).shape == (2, a, 4)
 
@@ -917,21 +930,6 @@ def test_one_image_overfit(name):
     assert history[-1] < 0.1 * history[0]
 
 
-def test_positive_targets_equal_the_dense_targets_on_the_positives():
-    a = 50
-    gt_boxes, gt_labels, matches = random_targets(4, a, seed=3)
-    anchors = random_anchors(a, seed=3)
-    coder = BoxCoder((0.1, 0.1, 0.2, 0.2))
-    image, anchor, loc, labels = positive_targets(matches, gt_boxes, gt_labels, anchors, coder)
-    positive = matches >= 0
-    dense_labels, matched = gather_targets(matches, gt_boxes, gt_labels)
-    dense_loc = encode_targets(coder, matched, anchors, positive)
-    assert torch.equal(torch.stack((image, anchor), 1), positive.nonzero())
-    assert torch.equal(labels, dense_labels)
-    assert torch.allclose(loc, dense_loc[positive], atol=1e-6)
-    assert labels[~positive].eq(0).all() and labels[positive].ge(1).all()
-
-
 def test_multibox_beta_zero_is_l1_on_the_positives():
     a = 40
     gt_boxes, gt_labels, matches = random_targets(3, a, seed=4)
@@ -939,8 +937,9 @@ def test_multibox_beta_zero_is_l1_on_the_positives():
     coder = BoxCoder((0.1, 0.1, 0.2, 0.2))
     cls_logits = torch.randn(3, a, C + 1, generator=torch.Generator().manual_seed(1))
     box_deltas = torch.randn(3, a, 4, generator=torch.Generator().manual_seed(2))
-    _, _, loc, _ = positive_targets(matches, gt_boxes, gt_labels, anchors, coder)
     positive = matches >= 0
+    _, matched = gather_targets(matches, gt_boxes, gt_labels)
+    loc = encode_targets(coder, matched, anchors, positive)[positive]
     l1 = (box_deltas[positive] - loc).abs().sum() / positive.sum()
     out = multibox_loss(
         cls_logits, box_deltas, matches, gt_boxes, gt_labels, anchors, coder, beta=0.0
@@ -952,12 +951,68 @@ def test_multibox_beta_zero_is_l1_on_the_positives():
         SSDHead(in_channels=[8], num_anchors=[2], num_classes=C, beta=-1.0)
 
 
-@pytest.mark.parametrize("shape", [(4, 48), (3, 50), (2, 64)])
-def test_positive_search_by_blocks_equals_nonzero(shape):
-    from ssdlit.anchors.matchers import positive_indices
+def test_multibox_loss_never_materialises_dense_box_targets():
+    """Targets for the positives only: no op of the loss makes a new tensor of B * A * 4
+    numbers; backward only makes the gradient of ``box_deltas`` itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    gen = torch.Generator().manual_seed(shape[1])
-    matches = torch.randint(-2, 3, shape, generator=gen)
-    matches[0] = -1  # an image without positives
-    got = positive_indices(matches, block=16)
-    assert torch.equal(got, (matches.reshape(-1) >= 0).nonzero().squeeze(1))
+    b, a = 4, 600
+    gt_boxes, gt_labels, matches = random_targets(b, a, seed=2)
+    anchors = random_anchors(a, seed=2)
+    logits = torch.randn(b, a, 7, requires_grad=True)  # K != 4: only box tensors are B * A * 4
+    deltas = torch.randn(b, a, 4, requires_grad=True)
+    made: list[tuple[str, tuple]] = []
+    inputs = {t.untyped_storage().data_ptr() for t in (deltas, logits)}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                new = isinstance(t, torch.Tensor) and t.numel() == b * a * 4
+                if new and t.untyped_storage().data_ptr() not in inputs:
+                    made.append((str(func), tuple(t.shape)))
+            return out
+
+    with Record():
+        loss = multibox_loss(logits, deltas, matches, gt_boxes, gt_labels, anchors, BoxCoder())
+    assert made == []
+    made.clear()
+    with Record():
+        loss["loss"].backward()
+    # backward: only the gradient of box_deltas (zeros, the positives' rows added)
+    ops = {op.split(".")[1] for op, _ in made}
+    assert ops <= {"new_zeros", "zeros", "index_add", "index_put", "view", "detach"}, made
+    assert torch.isfinite(deltas.grad).all()
+    positive = (matches >= 0)[..., None]
+    assert (deltas.grad.abs() > 0).eq(positive & (deltas.grad.abs() > 0)).all()
+    assert (deltas.grad[~positive.expand_as(deltas.grad)] == 0).all()
+
+
+def test_background_loss_is_the_cross_entropy_of_class_zero():
+    logits = torch.randn(3, 50, C + 1, dtype=torch.bfloat16)
+    got = background_loss(logits)
+    expected = F.cross_entropy(
+        logits.float().reshape(-1, C + 1), torch.zeros(150, dtype=torch.long), reduction="none"
+    )
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.view(3, 50))
+
+
+@pytest.mark.parametrize("scale", [1.0, 60.0, 200.0])
+def test_background_loss_holds_for_extreme_logits(scale):
+    """Logits beyond exp's float32 range (|l| > 88) take the shifted computation."""
+    g = torch.Generator().manual_seed(int(scale))
+    logits = torch.randn(2, 40, C + 1, generator=g) * scale
+    logits[0, :5] = -150.0  # every class far below zero: exp underflows
+    logits[1, :5, 2] = 120.0  # exp overflows
+    got = background_loss(logits)
+    expected = F.cross_entropy(
+        logits.reshape(-1, C + 1), torch.zeros(80, dtype=torch.long), reduction="none"
+    ).view(2, 40)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # the path of other devices (and of the CPU's out-of-range blocks) alone
+    from ssdlit.heads.losses import _shifted_background_loss
+
+    alone = _shifted_background_loss(logits.reshape(-1, C + 1), torch.ones(C + 1, 1))
+    torch.testing.assert_close(alone.view(2, 40), expected, rtol=1e-5, atol=1e-4)

@@ -69,7 +69,7 @@ def test_inspect_decodes_every_image_by_default(tmp_path):
     # training run would hit it, so inspect reports it without being asked.
     from hydra import compose, initialize_config_module
 
-    from ssdlit.inspect import inspect_data
+    from ssdlit.apps.inspect import inspect_data
     from tests.data_builders import add_flat_item, corrupt_jpeg, flat_dataset
 
     root = flat_dataset(tmp_path / "data")

@@ -14,10 +14,17 @@ from ssdlit.anchors import (
     YOLOv3Matcher,
     greedy_bipartite,
 )
+from ssdlit.anchors.matching import AnchorOverlaps, masked_iou, ssd_match
 from ssdlit.registry import MATCHERS
 from tests.ssd_keras_reference import ssd_keras_match
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+
+
+def ssd300_tables(dtype=torch.float32, **options) -> AnchorOverlaps:
+    """The SSD300 anchors' tables with their grid, as a Detector builds them."""
+    grid = SSDAnchorGenerator.ssd300(**options).grid(SSD300_MAPS)
+    return AnchorOverlaps(grid.flat(dtype=dtype), grid.shapes)
 
 
 def cxcywh(*rows):
@@ -182,29 +189,41 @@ def test_registry_builds_matchers():
         SSDMatcher()(torch.zeros(1, 2, 4), torch.ones(1, 3, dtype=torch.bool), STRIP)
 
 
-@pytest.mark.parametrize(
-    "anchors",
-    [
-        SSDAnchorGenerator.ssd300()(SSD300_MAPS),
-        SSDAnchorGenerator.ssd300(clip=True)(SSD300_MAPS),  # clipped: not a product grid
-        YoloAnchorGenerator(
-            image_size=(64, 96), priors=[[(8, 8), (20, 12)], [(40, 40)]], strides=[16, 32]
-        )([(4, 6), (2, 3)]),
-        torch.rand(40, 4) * 0.5 + 0.05,  # arbitrary anchors
-    ],
-)
-def test_fast_overlaps_equal_plain_iou(anchors):
-    from ssdlit.anchors.matchers import AnchorOverlaps
+def _grids():
+    yolo = YoloAnchorGenerator(
+        image_size=(64, 96), priors=[[(8, 8), (20, 12)], [(40, 40)]], strides=[16, 32]
+    )
+    return [
+        SSDAnchorGenerator.ssd300().grid(SSD300_MAPS),
+        yolo.grid([(4, 6), (2, 3)]),
+        None,  # arbitrary anchors: dense only
+    ]
+
+
+@pytest.mark.parametrize("grid", _grids(), ids=["ssd300", "yolo", "arbitrary"])
+def test_fast_overlaps_equal_plain_iou(grid):
     from ssdlit.boxes import box_iou, convert
 
+    if grid is None:
+        fast = AnchorOverlaps(torch.rand(40, 4) * 0.5 + 0.05)
+        assert not fast.sparse
+    else:
+        fast = AnchorOverlaps(grid.flat(), grid.shapes)
+        assert fast.sparse
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(3, 5, 2, generator=g) * 0.7
     boxes = torch.cat([xy, xy + torch.rand(3, 5, 2, generator=g) * 0.3 + 0.01], -1)
     boxes[0, 0] = 0.0  # a degenerate (zero-area) gt gives IoU 0, not NaN
-    fast = AnchorOverlaps(anchors)
-    expected = box_iou(boxes, convert(anchors, "cxcywh", "xyxy"))
+    expected = box_iou(boxes, convert(fast.anchors, "cxcywh", "xyxy"))
     assert torch.equal(fast(boxes), expected)
     assert torch.equal(fast(boxes, reuse=True), expected)
+
+
+def test_grid_shapes_must_hold_the_anchors():
+    grid = SSDAnchorGenerator.ssd300().grid(SSD300_MAPS)
+    assert grid.num_anchors == 8732 and grid.shapes[0] == (38, 38, 4)
+    with pytest.raises(ValueError, match="do not hold"):
+        AnchorOverlaps(grid.flat()[:-1], grid.shapes)
 
 
 # -- the sparse path (pairs above a threshold) against the dense one -------------------------
@@ -241,27 +260,25 @@ def _hard_batch(rng, b, max_g, snapped):
     return batch(*images)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "matching, pos, neg",
     [("multi", 0.5, 0.3), ("bipartite", 0.5, 0.4), ("multi", 0.5, None), ("bipartite", 0.5, None)],
 )
-def test_sparse_path_equals_dense_path(dtype, matching, pos, neg):
-    from ssdlit.anchors.matchers import AnchorOverlaps
-
-    anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS, dtype=dtype)
-    assert AnchorOverlaps(anchors).sparse
+def test_sparse_path_equals_the_reference(dtype, matching, pos, neg):
+    tables = ssd300_tables(dtype)
+    assert tables.sparse
     rng = np.random.default_rng(7)
     matcher = SSDMatcher(matching=matching, pos_iou_threshold=pos, neg_iou_limit=neg)
     for trial in range(8):
         boxes, mask = _hard_batch(rng, 6, 10, snapped=trial % 2 == 0)
         boxes = boxes.to(dtype)
-        sparse = matcher(boxes, mask, anchors)
-        dense = torch.full_like(sparse, BACKGROUND)
-        img, slot = mask.nonzero(as_tuple=True)
-        matcher._match_dense(dense, boxes[img, slot], img, slot, AnchorOverlaps(anchors))
-        assert torch.equal(sparse, dense), f"trial {trial}"
+        sparse = matcher(boxes, mask, tables)
+        reference = ssd_match(masked_iou(boxes, mask, tables.anchors), matching, pos, neg)
+        assert torch.equal(sparse, reference), f"trial {trial}"
         assert (sparse >= 0).sum() >= mask.sum()  # every real gt has its anchor
+        # anchors without their grid take the reference path: the same matches
+        assert torch.equal(matcher(boxes, mask, tables.anchors), reference)
 
 
 @settings(max_examples=40, deadline=None)
@@ -270,49 +287,17 @@ def test_sparse_path_equals_dense_path(dtype, matching, pos, neg):
     st.sampled_from([0.1, 0.3, 0.5, 0.7]),
 )
 def test_pairs_above_threshold_are_exactly_the_dense_ones(raw, threshold):
-    from ssdlit.anchors.matchers import AnchorOverlaps
-
     anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS)
     boxes = torch.tensor(
         [[min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)] for x1, y1, x2, y2 in raw]
     )
-    overlaps = AnchorOverlaps(anchors)
+    overlaps = ssd300_tables()
     rows, anchor, iou = overlaps.above(boxes, threshold)
     dense = overlaps(boxes[None])[0]
     expected = (dense >= threshold).nonzero()
     got = torch.stack((rows, anchor), 1)
     assert torch.equal(got[torch.argsort(rows * anchors.shape[0] + anchor)], expected)
     assert torch.equal(iou, dense[rows, anchor])  # the very same numbers
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    "matcher",
-    [
-        SSDMatcher("multi", 0.5, 0.3),
-        SSDMatcher("bipartite", 0.5, 0.4),
-        SSDMatcher("multi", 0.5, None),
-        SSDMatcher("bipartite", 0.5, None),
-        FasterRCNNMatcher(),
-        YOLOv3Matcher(),
-    ],
-    ids=repr,
-)
-def test_match_positives_are_the_positives_of_the_matches(matcher, dtype):
-    anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS, dtype=dtype)
-    rng = np.random.default_rng(11)
-    for trial in range(6):
-        boxes, mask = _hard_batch(rng, 5, 9, snapped=trial % 2 == 0)
-        boxes = boxes.to(dtype)
-        if trial == 5:
-            mask[:] = False  # no real gt at all
-        matches, positives = matcher.match_positives(boxes, mask, anchors)
-        assert torch.equal(matches, matcher(boxes, mask, anchors))
-        assert positives.dtype == torch.long
-        assert torch.equal(positives, (matches.reshape(-1) >= 0).nonzero().squeeze(1))
-    empty = torch.zeros(2, 0, 4, dtype=dtype), torch.zeros(2, 0, dtype=torch.bool)
-    matches, positives = matcher.match_positives(*empty, anchors)
-    assert matches.eq(BACKGROUND).all() and positives.numel() == 0
 
 
 def _sequential_greedy(iou):
@@ -343,14 +328,25 @@ def test_greedy_rounds_equal_one_pair_per_step(g):
 
 @pytest.mark.parametrize("matcher", [SSDMatcher(), FasterRCNNMatcher(), YOLOv3Matcher()], ids=repr)
 def test_matchers_take_the_anchors_tables_or_the_anchors(matcher):
-    from ssdlit.anchors.matchers import AnchorOverlaps
-
-    anchors = SSDAnchorGenerator.ssd300()(SSD300_MAPS)
+    tables = ssd300_tables()
     boxes, mask = _hard_batch(np.random.default_rng(3), 4, 6, snapped=False)
-    expected = matcher(boxes, mask, anchors)
-    assert torch.equal(matcher(boxes, mask, AnchorOverlaps(anchors)), expected)
-    # tables of another dtype are rebuilt from their anchors, not used as they are
-    assert torch.equal(matcher(boxes, mask, AnchorOverlaps(anchors.double())), expected)
-    matches, positives = matcher.match_positives(boxes, mask, AnchorOverlaps(anchors))
-    assert torch.equal(matches, expected)
-    assert torch.equal(positives, (expected.view(-1) >= 0).nonzero().squeeze(1))
+    expected = matcher(boxes, mask, tables.anchors)
+    assert torch.equal(matcher(boxes, mask, tables), expected)
+    # tables of another dtype are rebuilt from their anchors and grid, not used as they are
+    assert torch.equal(matcher(boxes, mask, ssd300_tables(torch.float64)), expected)
+
+
+@pytest.mark.parametrize("g", [5, 40])
+def test_the_sparse_paths_greedy_equals_the_references(g):
+    """The CPU path's greedy (best anchors kept per gt, recomputed when taken) gives the
+    pairs of the reference's one-pair-per-step procedure, ties included."""
+    from ssdlit.anchors.matching.ssd import _greedy_pairs
+
+    gen = torch.Generator().manual_seed(g + 1)
+    iou = torch.ceil(torch.rand(4, g, 60, generator=gen) * 5) / 5  # few values: many ties
+    iou[1, g // 2 :] = -1.0  # padded gts
+    iou[2] = -1.0  # no real gt
+    image, anchor, gt = _greedy_pairs(iou)
+    got = torch.full((4, 60), BACKGROUND)
+    got[image, anchor] = gt
+    assert torch.equal(got, greedy_bipartite(iou))

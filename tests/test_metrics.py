@@ -267,7 +267,8 @@ def test_empty_inputs():
 def test_iou_rule_reaches_the_evaluators_from_the_config(config_name):
     from hydra import compose, initialize_config_module
 
-    from ssdlit.module import DetectionModule, plain
+    from ssdlit.config import plain
+    from ssdlit.module import DetectionModule
 
     with initialize_config_module("ssdlit.conf", version_base="1.3"):
         cfg = compose(config_name, overrides=["metrics.iou_rule=strict"])

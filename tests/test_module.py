@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from ssdlit.module import DetectionModule, plain
+from ssdlit.config import plain
+from ssdlit.metrics import DetectionEvaluator, batch_to_metric_inputs, format_ap_table
+from ssdlit.module import DetectionModule
 from ssdlit.training.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from ssdlit.training.checkpoint import AtomicCheckpointIO, atomic_torch_save, load_checkpoint
-from ssdlit.training.evaluation import DetectionEvaluator, batch_to_metric_inputs, format_ap_table
 from ssdlit.training.optim import WarmupSchedule, build_scheduler, parameter_groups
 
 CLASSES = ["circle", "square", "triangle"]
@@ -196,6 +197,57 @@ def test_configure_optimizers_groups_and_schedule():
 
 
 # -- the module --------------------------------------------------------------------------
+
+
+def test_the_default_optimiser_is_the_sgd_recipe_of_the_configs():
+    """A module built without ``optim`` trains with conf/optim/sgd.yaml, the one place of
+    that recipe (no copy of its values in the code)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    sgd = Path(__file__).resolve().parents[1] / "conf" / "optim" / "sgd.yaml"
+    module = tiny_module(optim=None)
+    recipe = OmegaConf.to_container(OmegaConf.load(sgd))
+    assert module.hparams["optim"] == recipe
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["momentum"] == recipe["momentum"] > 0
+    assert opt.param_groups[0]["weight_decay"] == recipe["weight_decay"] > 0
+
+
+def test_the_detector_keys_are_those_of_detector_build():
+    """``from_config`` takes the keys of ``Detector.build`` from the config (those it
+    leaves out keep ``Detector.build``'s defaults, saved in the hyper-parameters)."""
+    import inspect
+
+    from ssdlit import Detector
+    from ssdlit.module import DETECTOR_KEYS
+
+    params = inspect.signature(Detector.build).parameters
+    assert set(DETECTOR_KEYS) == set(params) - {"num_classes"}
+    spec = {k: v for k, v in tiny_module().hparams.items() if k in DETECTOR_KEYS}
+    spec.pop("clip_boxes")
+    module = DetectionModule.from_config({**spec, "channels_last": True}, ["a", "b"])
+    assert module.class_names == ["a", "b"] and module.hparams["channels_last"] is True
+    assert module.hparams["clip_boxes"] == params["clip_boxes"].default
+    assert module.detector.clip_boxes == params["clip_boxes"].default
+    with pytest.raises(TypeError):
+        DetectionModule(class_names=["a"], **spec, no_such_key=1)
+
+
+def test_from_checkpoint_changes_postprocess_options_only(tmp_path):
+    module = tiny_module()
+    path = tmp_path / "m.ckpt"
+    atomic_torch_save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path
+    )
+    again = DetectionModule.from_checkpoint(path, postprocess_options={"top_k": 7})
+    assert again.hparams["postprocess"] == {**module.hparams["postprocess"], "top_k": 7}
+    assert again.detector.postprocess.top_k == 7
+    assert module.detector.postprocess.top_k == 50  # the saved option, for comparison
+    other = DetectionModule.from_checkpoint(path, postprocess_options={"name": "global"})
+    assert type(other.detector.postprocess).__name__ == "GlobalNMS"
 
 
 def test_hparams_are_plain_and_classes_come_from_the_data():

@@ -1,4 +1,4 @@
-"""Scaling (issue 5): DDP with 2 CPU processes (gloo) and a 2-job Hydra multirun.
+"""Scaling: DDP with 2 CPU processes (gloo) and a 2-job Hydra multirun.
 
 Both go through the real command line (``python -m ssdlit.train``) on a tiny synthetic
 dataset (16 training and 8 validation images of 64x64).
@@ -19,34 +19,17 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
+from ssdlit.datamodules import build_datamodule
 from ssdlit.datamodules.collate import collate_detection
+from ssdlit.metrics import DetectionEvaluator, batch_to_metric_inputs
 from ssdlit.module import DetectionModule
-from ssdlit.training.builders import build_datamodule
-from ssdlit.training.evaluation import DetectionEvaluator, batch_to_metric_inputs
 
 #: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
 pytestmark = pytest.mark.e2e
 
 
-def tiny(data_root: Path) -> list[str]:
-    return [
-        f"data.source.root={data_root}",
-        "data.source.num_images={train: 16, val: 8, test: 8}",
-        "data.source.image_size=64",
-        "image_size=[64,64]",
-        "data.batch_size=4",
-        "data.eval_batch_size=4",
-        "data.num_workers=0",
-        "data.persistent_workers=false",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "logger=none",
-        "evaluate.test=false",
-        "picture.enabled=false",
-        "optim.lr=1e-2",
-        "optim.scheduler.warmup_steps=0",
-    ]
+#: The tiny run (tests/conftest.py), validated but not tested, at lr 1e-2 without warm-up.
+SCALING = ("evaluate.test=false", "optim.lr=1e-2", "optim.scheduler.warmup_steps=0")
 
 
 def run_train(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300):
@@ -72,7 +55,7 @@ def close(a: float | None, b: float | None, tol: float = 1e-6) -> bool:
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with gloo",
 )
-def test_ddp_two_cpu_processes_matches_single_process_evaluation(tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes_matches_single_process_evaluation(tmp_path: Path, tiny) -> None:
     """``trainer=ddp`` with 2 CPU processes: one epoch, validation, metrics.json. Each rank
     trains on its own half (2 steps of 4 images instead of 4), and the validation mAP of
     the best checkpoint, gathered from both ranks, equals a single-process evaluation of
@@ -81,12 +64,16 @@ def test_ddp_two_cpu_processes_matches_single_process_evaluation(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     run_train(
         [
-            *tiny(tmp_path / "data"),
-            "trainer=ddp",
-            "trainer.accelerator=cpu",  # gloo, also on a machine with GPUs
-            "trainer.devices=2",
-            "threads=1",  # one thread per rank: two ranks share the cores
-            "metrics.coco=true",
+            *tiny.run(
+                tmp_path / "data",
+                *SCALING,
+                "data.eval_batch_size=4",
+                "trainer=ddp",
+                "trainer.accelerator=cpu",  # gloo, also on a machine with GPUs
+                "trainer.devices=2",
+                "threads=1",  # one thread per rank: two ranks share the cores
+                "metrics.coco=true",
+            ),
             f"hydra.run.dir={run_dir}",
         ],
         tmp_path,
@@ -147,18 +134,20 @@ def half_summary(module: DetectionModule, datamodule, rank: int) -> dict[str, fl
     return evaluator.compute()["summary"]
 
 
-def test_multirun_two_jobs_each_write_metrics(tmp_path: Path) -> None:
+def test_multirun_two_jobs_each_write_metrics(tmp_path: Path, tiny) -> None:
     """``-m optim.lr=1e-3,2e-3``: Hydra's basic sweeper runs both jobs, one folder each."""
     sweep = tmp_path / "sweep"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run_train(
         [
             "-m",
-            *tiny(tmp_path / "data"),
-            "trainer=cpu",
-            "trainer.limit_train_batches=2",
-            "metrics.coco=false",
-            "optim.lr=1e-3,2e-3",
+            *tiny.run(
+                tmp_path / "data",
+                *SCALING,
+                "trainer=cpu",
+                "trainer.limit_train_batches=2",
+                "optim.lr=1e-3,2e-3",
+            ),
             f"hydra.sweep.dir={sweep}",
         ],
         tmp_path,

@@ -35,7 +35,8 @@ from tests.data_builders import (
 
 @pytest.fixture(scope="module")
 def raccoon_root() -> Path:
-    """/work/shared/datasets/raccoon; the tests skip without it, and fail when CI is set."""
+    """The raccoon dataset (tests/data_builders.py: next to the checkout, or
+    ``SSDLIT_RACCOON_DIR``); the tests skip without it, and fail when CI is set."""
     return raccoon_dataset()
 
 
@@ -376,7 +377,7 @@ def test_flat_voc_folder_takes_its_classes_from_the_xml_files(tmp_path: Path):
     assert src.class_names == ["cat", "dog"]
     np.testing.assert_array_equal([r.labels[0] for r in src.records], [2, 1, 2])
     # Through the config the app composes, with no class configured anywhere.
-    from ssdlit.training.builders import build_datamodule
+    from ssdlit.datamodules import build_datamodule
 
     cfg = _compose(
         [
@@ -393,7 +394,7 @@ def test_flat_voc_folder_takes_its_classes_from_the_xml_files(tmp_path: Path):
 
 
 def test_devkit_keeps_the_twenty_classes_and_unknown_class_names_the_key(devkit: Path):
-    from ssdlit.training.builders import build_datamodule
+    from ssdlit.datamodules import build_datamodule
 
     cfg = _compose(["data=voc", f"data.root={devkit}", "data.num_workers=0"])
     cfg.data.train.splits = [["2007", "trainval"]]
@@ -414,7 +415,7 @@ def test_devkit_keeps_the_twenty_classes_and_unknown_class_names_the_key(devkit:
 
 def test_ssd7_csv_documented_override_for_ssd_keras_csvs(tmp_path: Path):
     # The command conf/experiment/ssd7_csv.yaml documents for ssd_keras's CSVs.
-    from ssdlit.training.builders import build_datamodule
+    from ssdlit.datamodules import build_datamodule
 
     write_image(tmp_path / "images" / "a.jpg", 40, 30)
     write_image(tmp_path / "images" / "b.jpg", 40, 30)
@@ -445,21 +446,21 @@ def test_ssd7_csv_documented_override_for_ssd_keras_csvs(tmp_path: Path):
 
 
 def test_class_names_have_one_key(tmp_path: Path):
-    from ssdlit.cli import UsageError
-    from ssdlit.training.builders import build_datamodule
+    from ssdlit.datamodules import build_datamodule
+    from ssdlit.registry import ConfigError
 
     root = _own_voc_folder(tmp_path / "mine", "images", "annotations")
     data = {"source": {"name": "voc", "root": str(root)}, "train": {}, "num_workers": 0}
     dm = build_datamodule({**data, "class_names": ["dog", "cat"]}, None, 32)
     assert dm.class_names == ["dog", "cat"]  # passed into the source: labels follow it
     assert [int(r.labels[0]) for r in dm.dataset("train").records] == [1, 2, 1]
-    with pytest.raises(UsageError, match=r"data\.class_names"):
+    with pytest.raises(ConfigError, match=r"data\.class_names"):
         build_datamodule({**data, "source": {**data["source"], "classes": ["dog"]}}, None, 32)
 
 
 def test_splits_share_the_training_classes(tmp_path: Path):
     # A val split without one of the classes still uses the training split's labels.
-    from ssdlit.training.builders import build_datamodule
+    from ssdlit.datamodules import build_datamodule
 
     write_image(tmp_path / "a.jpg", 40, 30)
     header = ["filename", "class", "xmin", "ymin", "xmax", "ymax"]
@@ -473,8 +474,8 @@ def test_splits_share_the_training_classes(tmp_path: Path):
 
 
 def test_flat_layout_refuses_devkit_splits(tmp_path):
-    # data=voc with layout=flat used to ignore the devkit's split lists, so the val split
-    # silently read every training image; the flat layout now says how to read the folder.
+    # A flat folder has no devkit split lists: asked for them, it refuses and says how to
+    # read the folder, rather than serve every training image as the val split.
     from ssdlit.registry import ConfigError
     from tests.data_builders import add_flat_item
 

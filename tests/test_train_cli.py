@@ -18,39 +18,27 @@ import torch
 #: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
 pytestmark = pytest.mark.e2e
 
-TINY = [
+#: The tiny run (tests/conftest.py) with what these tests check switched on: TensorBoard,
+#: COCO mAP, predictions.png, and 2 epochs of 2 batches evaluated on one batch per split.
+CHECKED = (
+    "logger=tensorboard",
+    "metrics.coco=true",
+    "picture.enabled=true",
     "trainer.log_every_n_steps=1",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
-    "data.batch_size=4",
-    "data.eval_batch_size=8",
-    "data.num_workers=0",
-    "data.persistent_workers=false",
-    "image_size=[64,64]",
-    "data.source.image_size=64",
-    "data.source.num_images={train: 8, val: 8, test: 8}",
-]
-
-
+)
 EMA = "callbacks.ema={decay: 0.9, warmup_steps: 2}"
 
-
-def replace(base: list[str], *overrides: str) -> list[str]:
-    """``base`` with the overrides of the same keys replaced by ``overrides``."""
-    keys = {o.split("=", 1)[0] for o in overrides}
-    return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
-
-
 #: A run short enough for CI that still learns: 12 epochs of 4 batches of 8, 2 classes.
-LEARN_DATA = [
-    "data.source.image_size=64",
+LEARN_DATA = (
     "data.source.num_images={train: 32, val: 16, test: 16}",
     "data.class_names=[circle,square]",
-]
-LEARN = replace(
-    TINY,
+)
+LEARN = (
+    *CHECKED,
     *LEARN_DATA,
     "trainer.max_epochs=12",
     "trainer.limit_train_batches=4",
@@ -80,13 +68,9 @@ def run(module, args, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny):
     tmp = tmp_path_factory.mktemp("train")
-    run(
-        "ssdlit.train",
-        [*LEARN, f"data.source.root={tmp}/data", f"hydra.run.dir={tmp}/run"],
-        tmp,
-    )
+    run("ssdlit.train", [*tiny.run(f"{tmp}/data", *LEARN), f"hydra.run.dir={tmp}/run"], tmp)
     return tmp
 
 
@@ -114,9 +98,9 @@ def test_train_leaves_a_complete_run_folder(trained):
     assert "state_dict" in ckpt
 
 
-def test_evaluate_reads_the_checkpoint(trained):
+def test_evaluate_reads_the_checkpoint(trained, tiny):
     """``evaluate`` on the best checkpoint gives, for val and test, every number that
-    train's post-fit evaluation wrote into metrics.json (EMA on: issue 10, point 2)."""
+    train's post-fit evaluation wrote into metrics.json (EMA on)."""
     ckpt = trained / "run" / "checkpoints" / "best.ckpt"
     proc = run(
         "ssdlit.evaluate",
@@ -125,7 +109,7 @@ def test_evaluate_reads_the_checkpoint(trained):
             f"ckpt={ckpt}",
             "data=synthetic",
             f"data.source.root={trained}/data",
-            *LEARN_DATA,
+            *tiny.replace(tiny.data, *LEARN_DATA),
             "data.num_workers=0",
             "data.persistent_workers=false",
             "split=val,test",
@@ -200,19 +184,15 @@ def test_bad_override_fails_with_a_clear_message(tmp_path):
     assert "no_such_head" in proc.stderr
 
 
-def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
+def test_ema_weights_are_validated_saved_and_resumed(tmp_path, tiny):
     """callbacks.ema: the checkpoint's state_dict holds the averaged weights, the raw ones
     and the averaging state beside them, and ckpt_path=last resumes both."""
     run_dir = tmp_path / "run"
-    common = [
-        *TINY,
-        f"data.source.root={tmp_path}/data",
-        f"hydra.run.dir={run_dir}",
-        "callbacks.ema={decay: 0.9, warmup_steps: 2}",
-        "evaluate.test=false",
-    ]
-    run("ssdlit.train", [*common, "trainer.max_epochs=1"], tmp_path)
-    run("ssdlit.train", [*common, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path)
+    common = [*CHECKED, EMA, "evaluate.test=false"]
+    first = tiny.run(tmp_path / "data", *common, "trainer.max_epochs=1")
+    again = tiny.run(tmp_path / "data", *common, "trainer.max_epochs=2", "ckpt_path=last")
+    run("ssdlit.train", [*first, f"hydra.run.dir={run_dir}"], tmp_path)
+    run("ssdlit.train", [*again, f"hydra.run.dir={run_dir}"], tmp_path)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 4
     assert int(ckpt["averaging_state"]["n_averaged"]) == 4  # one update per step, resumed
@@ -229,7 +209,7 @@ def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
 def test_evaluate_defaults_to_the_runs_data(trained):
     """``evaluate ckpt=RUN/checkpoints/best.ckpt`` without ``data=`` evaluates on the data the
     run trained with (RUN/config.yaml: here 16 test images of 64 px under the run's data
-    root), with ``data.*`` overrides applied on top (issue 10, point 8)."""
+    root), with ``data.*`` overrides applied on top."""
     ckpt = trained / "run" / "checkpoints" / "best.ckpt"
     out = trained / "eval_run_data.json"
     run(
@@ -251,10 +231,10 @@ def test_evaluate_defaults_to_the_runs_data(trained):
     assert not (trained / "data" / "synthetic").exists()  # the default data was not written
 
 
-def test_init_from_a_checkpoint_with_other_classes(trained, tmp_path):
+def test_init_from_a_checkpoint_with_other_classes(trained, tmp_path, tiny):
     """``init_from=best.ckpt`` on data whose classes are square, hexagon, circle: square and
     circle keep the checkpoint's rows, hexagon starts fresh, the rest loads; the run trains
-    (with lr 0, so the rows can be compared after it) (issue 10, point 13)."""
+    (with lr 0, so the rows can be compared after it)."""
     from tests.data_builders import add_flat_item
 
     names = ["square", "hexagon", "circle"]
@@ -269,15 +249,9 @@ def test_init_from_a_checkpoint_with_other_classes(trained, tmp_path):
             f"data.root={tmp_path}/flat",
             "data.val={}",
             "data.class_names=[square,hexagon,circle]",
-            "data.num_workers=0",
-            "data.persistent_workers=false",
-            "data.batch_size=2",
-            "image_size=[64,64]",
-            "trainer.max_epochs=1",
+            *tiny.replace(tiny.loader, "data.batch_size=2"),
+            *tiny.train,
             "optim.lr=0",
-            "logger=none",
-            "picture.enabled=false",
-            "metrics.coco=false",
             f"hydra.run.dir={tmp_path}/run",
         ],
         tmp_path,

@@ -1,5 +1,4 @@
-"""ssdlit.transfer: class sub-sampling and init from a checkpoint with other classes
-(issue 10, point 13).
+"""ssdlit.transfer: class sub-sampling and init from a checkpoint with other classes.
 
 Tiny detectors (SSD7 with narrow blocks at 64x64, 4 anchors per location) of every head
 with class outputs: a model of 4 classes sub-sampled to ``keep`` loads strictly into a

@@ -13,9 +13,10 @@ Usable without Lightning::
 Everything derivable is derived once: the feature sizes from one dry run of the
 backbone, the anchors from them (a non-persistent buffer), the head's input
 channels from the backbone and its anchors per location from the generator. What
-the matcher derives from the anchors (:class:`~ssdlit.anchors.matchers.AnchorOverlaps`)
-belongs to the detector too: built with its anchors, rebuilt when the detector moves
-(``.to()``, ``.double()``) or its anchors change; never shared through a global cache.
+the matcher derives from the anchors (:class:`~ssdlit.anchors.matching.AnchorOverlaps`,
+built from the generator's :class:`~ssdlit.anchors.grid.AnchorGrid`) belongs to the
+detector too: built with its anchors, rebuilt when the detector moves (``.to()``,
+``.double()``) or its anchors change; never shared through a global cache.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssdlit.anchors.matchers import AnchorOverlaps, Matcher
+from ssdlit.anchors.matching import AnchorOverlaps, Matcher, MatchSampler
 from ssdlit.boxes import convert
 from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS, ConfigError
 
-__all__ = ["Detector", "ExportWrapper", "build_component"]
+__all__ = ["Detector", "build_component"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,6 +68,8 @@ class Detector(nn.Module):
         image_size: network input ``(H, W)``.
         matcher: optional matcher; needed by :meth:`loss`.
         clip_boxes: clamp decoded boxes to the image before NMS.
+        sampler: optional :class:`~ssdlit.anchors.matching.MatchSampler` applied to the
+            matches before the head's loss (Faster R-CNN's 256 anchors per image).
     """
 
     anchors: Tensor
@@ -82,8 +85,10 @@ class Detector(nn.Module):
         image_size: Sequence[int],
         matcher: Any = None,
         clip_boxes: bool = True,
+        sampler: MatchSampler | None = None,
     ) -> None:
         super().__init__()
+        self.sampler = sampler
         self.backbone = backbone
         self.anchor_generator = anchor_generator
         self.head = head
@@ -100,7 +105,13 @@ class Detector(nn.Module):
             "pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False
         )
         self.feature_sizes = self._probe_feature_sizes()
-        anchors = anchor_generator(self.feature_sizes)
+        grid = getattr(anchor_generator, "grid", None)
+        self.anchor_grid = grid(self.feature_sizes) if grid is not None else None
+        anchors = (
+            self.anchor_grid.flat()
+            if self.anchor_grid is not None
+            else anchor_generator(self.feature_sizes)
+        )
         self.register_buffer("anchors", anchors, persistent=False)
         bind = getattr(head, "bind_anchor_grid", None)
         if bind is not None:  # each anchor's grid cell, from the generator that laid them out
@@ -146,8 +157,11 @@ class Detector(nn.Module):
             num_classes=int(num_classes),
         )
         pp = build_component(POSTPROCESS, postprocess or {"name": "per_class"})
-        mt = build_component(MATCHERS, matcher) if matcher is not None else None
-        return cls(bb, gen, hd, pp, size, matcher=mt, clip_boxes=clip_boxes)
+        spec = dict(matcher or {})
+        sampling = spec.pop("sampling", None)
+        mt = build_component(MATCHERS, spec) if matcher is not None else None
+        sampler = MatchSampler(**sampling) if sampling else None
+        return cls(bb, gen, hd, pp, size, matcher=mt, clip_boxes=clip_boxes, sampler=sampler)
 
     @torch.no_grad()
     def _probe_feature_sizes(self) -> list[tuple[int, int]]:
@@ -183,8 +197,19 @@ class Detector(nn.Module):
             self._overlaps, self._overlaps_source = {}, source
         found = self._overlaps.get(dtype)
         if found is None:
-            found = self._overlaps[dtype] = AnchorOverlaps(self.anchors.detach().to(dtype))
+            # The grid's block structure holds while the anchors are the grid's own.
+            shapes = self.anchor_grid.shapes if self._anchors_are_the_grids() else None
+            found = self._overlaps[dtype] = AnchorOverlaps(self.anchors.detach().to(dtype), shapes)
         return found
+
+    def _anchors_are_the_grids(self) -> bool:
+        if self.anchor_grid is None or self.anchor_grid.clip:  # clipped: the dense path
+            return False
+        if self.anchors.shape[0] != self.anchor_grid.num_anchors:
+            return False
+        # the buffer as built (float32), then moved or cast with the module
+        flat = self.anchor_grid.flat().to(device=self.anchors.device, dtype=self.anchors.dtype)
+        return bool(torch.equal(flat, self.anchors))
 
     def _apply(self, fn, recurse: bool = True):
         """Moves or casts the module; the anchors' tables are rebuilt for the new anchors."""
@@ -235,22 +260,6 @@ class Detector(nn.Module):
         if isinstance(self.matcher, Matcher):  # the tables this detector owns
             anchors = self.anchor_overlaps(gt_boxes.dtype)
         matches = self.matcher(gt_boxes, gt_mask, anchors)
+        if self.sampler is not None:
+            matches = self.sampler(matches)
         return self.head.loss(outputs, matches, gt_boxes, gt_labels, self.anchors)
-
-
-class ExportWrapper(nn.Module):
-    """The inference path as one traceable graph: uint8 images in, detections out.
-
-    ``forward(images [B, 3, H, W] uint8) -> [N, 7]`` = (image index, label, score, x1,
-    y1, x2, y2) in input pixels, sorted by score; decoding and NMS are inside the graph.
-    """
-
-    def __init__(self, detector: Detector) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, images: Tensor) -> Tensor:
-        scores, boxes = self.detector.decode(self.detector.raw(images))
-        h, w = self.detector.image_size
-        boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-        return self.detector.postprocess.flat(scores, boxes)

@@ -1,23 +1,67 @@
-"""Export the inference path (network, decoding, NMS) to ONNX and TorchScript.
+"""Export the inference path (network, decoding, NMS) to ONNX and TorchScript, verified.
 
-The exported graph takes ``images`` uint8 ``[B, 3, H, W]`` and returns
-``detections`` ``[N, 7]`` = (image index, label, score, x1, y1, x2, y2) in input
+The exported graph (:class:`ExportWrapper`) takes ``images`` uint8 ``[B, 3, H, W]`` and
+returns ``detections`` ``[N, 7]`` = (image index, label, score, x1, y1, x2, y2) in input
 pixels, sorted by score. ONNX needs the ``onnx`` package (and ``onnxruntime`` to
 verify): ``pip install "ssdlit[export]"``.
+
+- :func:`export_onnx`, :func:`export_torchscript`: write one file;
+- :func:`verify_onnx`, :func:`verify_torchscript`: compare a written file with PyTorch on
+  sample images, raising :class:`VerificationError` when they disagree;
+- :func:`export_and_verify`: both steps for every requested format (what
+  ``python -m ssdlit.export`` runs).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ssdlit.detector import Detector, ExportWrapper
+from ssdlit.detector import Detector
 
-__all__ = ["export_onnx", "export_torchscript", "load_torchscript", "run_onnx", "verify_onnx"]
+__all__ = [
+    "FORMATS",
+    "ExportWrapper",
+    "VerificationError",
+    "export_and_verify",
+    "export_onnx",
+    "export_torchscript",
+    "load_torchscript",
+    "run_onnx",
+    "verify_onnx",
+    "verify_torchscript",
+]
+
+#: The formats a detector is exported to.
+FORMATS = ("onnx", "torchscript")
+
+
+class VerificationError(RuntimeError):
+    """An exported model disagrees with PyTorch on the sample images."""
+
+
+class ExportWrapper(nn.Module):
+    """The inference path as one traceable graph: uint8 images in, detections out.
+
+    ``forward(images [B, 3, H, W] uint8) -> [N, 7]`` = (image index, label, score, x1,
+    y1, x2, y2) in input pixels, sorted by score; decoding and NMS are inside the graph.
+    """
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> Tensor:
+        scores, boxes = self.detector.decode(self.detector.raw(images))
+        h, w = self.detector.image_size
+        boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+        return self.detector.postprocess.flat(scores, boxes)
 
 
 def _example(detector: Detector, batch_size: int) -> Tensor:
@@ -83,7 +127,8 @@ def verify_onnx(
     atol: float = 1e-2,
     score_tol: float = 1e-4,
 ) -> dict[str, float]:
-    """Compare onnxruntime's detections with PyTorch's on ``images``; raise if they differ.
+    """Compare onnxruntime's detections with PyTorch's on ``images``; raise
+    :class:`VerificationError` if they differ.
 
     Every detection must have a partner in the other output: same image and label,
     score within ``score_tol`` and box within ``atol`` pixels. The two runtimes round
@@ -118,7 +163,7 @@ def verify_onnx(
         loose = [a[i] for i in unmatched_a] + [b[j] for j in np.nonzero(~used)[0]]
         bad = [row for row in loose if row[2] > cut + score_tol]
         if bad:
-            raise AssertionError(
+            raise VerificationError(
                 f"ONNX and PyTorch disagree on image {int(img)}: {len(bad)} detections without "
                 f"a partner, e.g. (label, score, box) = {bad[0][1:].round(4).tolist()}"
             )
@@ -148,4 +193,102 @@ def load_torchscript(path: str | Path, map_location: str | torch.device | None =
     torchvision is imported (done here); outside Python, link torchvision's C++ library."""
     import torchvision  # noqa: F401  (registers torchvision::nms for the loaded graph)
 
-    return torch.jit.load(str(path), map_location=map_location)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        return torch.jit.load(str(path), map_location=map_location)
+
+
+@torch.inference_mode()
+def verify_torchscript(
+    detector: Detector,
+    path: str | Path,
+    images: Tensor,
+    atol: float = 1e-2,
+    score_tol: float = 1e-4,
+) -> dict[str, float]:
+    """Compare the saved TorchScript module with PyTorch, one image at a time (the traced
+    batch size); raise :class:`VerificationError` when the detections differ: another
+    number of detections or other labels, or a box (pixels) or score farther than
+    ``atol`` / ``score_tol``.
+
+    Returns the number of detections and the largest box and score differences.
+    """
+    loaded = load_torchscript(path, map_location="cpu").eval()
+    reference = ExportWrapper(detector).eval()
+    worst = {"detections": 0.0, "max_box_diff": 0.0, "max_score_diff": 0.0}
+    for i in range(len(images)):
+        x = images[i : i + 1]
+        ours = reference(x).float().cpu()
+        theirs = loaded(x).float().cpu()
+        if ours.shape != theirs.shape:
+            raise VerificationError(
+                f"TorchScript gives {theirs.shape[0]} detections on sample image {i}, "
+                f"PyTorch {ours.shape[0]}"
+            )
+        worst["detections"] += float(ours.shape[0])
+        if ours.numel():
+            if not torch.equal(ours[:, :2], theirs[:, :2]):
+                raise VerificationError(
+                    f"TorchScript and PyTorch labels differ on sample image {i}"
+                )
+            box = float((ours[:, 3:] - theirs[:, 3:]).abs().max())
+            score = float((ours[:, 2] - theirs[:, 2]).abs().max())
+            if box > atol or score > score_tol:
+                raise VerificationError(
+                    f"TorchScript and PyTorch differ on sample image {i}: box {box:.3g} px, "
+                    f"score {score:.3g}"
+                )
+            worst["max_box_diff"] = max(worst["max_box_diff"], box)
+            worst["max_score_diff"] = max(worst["max_score_diff"], score)
+    return worst
+
+
+def export_and_verify(
+    detector: Detector,
+    out_dir: str | Path,
+    name: str,
+    images: Tensor,
+    formats: Sequence[str] = FORMATS,
+    opset: int = 17,
+    atol: float = 1e-2,
+    score_tol: float = 1e-4,
+) -> dict[str, dict[str, Any]]:
+    """Export ``detector`` in each of ``formats`` into ``out_dir`` and verify each file on
+    ``images`` (uint8 ``[n, 3, H, W]``; the first one is the tracing example).
+
+    Writes ``<name>.onnx`` (dynamic batch) and ``<name>.torchscript.pt`` (batch of one).
+    Returns ``{format: entry}``, each entry with the file's ``path``, ``verified``, the
+    ``verification`` numbers (None when it failed) and ``error`` (the
+    :class:`VerificationError`'s message, or None). A failed verification does not stop
+    the other formats; the caller decides what it means.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; known: {', '.join(FORMATS)}")
+    detector = detector.eval()
+    out_dir = Path(out_dir)
+    example = images[:1]
+    entries: dict[str, dict[str, Any]] = {}
+    for kind in formats:
+        if kind == "onnx":
+            path = export_onnx(detector, out_dir / f"{name}.onnx", example=example, opset=opset)
+            entry: dict[str, Any] = {"path": str(path), "opset": int(opset), "batch": "dynamic"}
+            verify = verify_onnx
+        else:
+            path = export_torchscript(detector, out_dir / f"{name}.torchscript.pt", example=example)
+            entry = {"path": str(path), "batch": 1}
+            verify = verify_torchscript
+        try:
+            numbers: dict[str, float] | None = verify(
+                detector, path, images, atol=atol, score_tol=score_tol
+            )
+            error = None
+        except VerificationError as exc:
+            numbers, error = None, str(exc)
+        entries[kind] = {
+            **entry,
+            "verified": error is None,
+            "verification": numbers,
+            "error": error,
+        }
+    return entries

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ssdlit.anchors.kmeans import AnchorCoverage, anchor_coverage, kmeans_anchors
 from ssdlit.datamodules.records import Record
-from ssdlit.training.visualize import PALETTE
+from ssdlit.visualize import PALETTE
 
 __all__ = [
     "DatasetStats",

@@ -12,7 +12,7 @@ from ``class_names``), so nothing is configured twice.
 - ``validation_step`` / ``test_step``: validation loss, decoding + NMS, boxes mapped back to
   the original image's pixels with the batch ``meta``
   (:func:`~ssdlit.datamodules.to_original_pixels`), VOC07 / VOC / COCO metrics accumulated
-  (:class:`~ssdlit.training.evaluation.DetectionEvaluator`); at the epoch end the means are
+  (:class:`~ssdlit.metrics.DetectionEvaluator`); at the epoch end the means are
   logged as ``{val,test}/voc07_map50``, ``.../voc_map50``, ``.../coco_map``, ... and the
   per-class APs as ``{val,test}_ap/<metric>/<class>``. The last result is kept in
   :attr:`DetectionModule.last_eval` for the apps to print and save.
@@ -25,54 +25,38 @@ Hyper-parameters are stored as plain containers, so checkpoints load with
 
 from __future__ import annotations
 
-import copy
+import inspect
 import math
 from collections.abc import Mapping, Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from ssdlit.config import plain
 from ssdlit.detector import Detector
+from ssdlit.metrics.evaluator import DetectionEvaluator, batch_to_metric_inputs
 from ssdlit.training.checkpoint import load_checkpoint
-from ssdlit.training.evaluation import DetectionEvaluator, batch_to_metric_inputs
-from ssdlit.training.optim import build_optimizer, build_scheduler, parameter_groups
+from ssdlit.training.optim import configure_optimizer
 
-__all__ = ["DEFAULT_OPTIM", "DetectionModule", "plain"]
+__all__ = ["DETECTOR_KEYS", "DetectionModule", "default_optim"]
 
-#: The paper's optimiser: SGD, momentum 0.9, weight decay 5e-4, warm-up and step decays.
-DEFAULT_OPTIM: dict[str, Any] = {
-    "name": "sgd",
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "no_decay_norm_and_bias": True,
-    "scheduler": {
-        "name": "multistep",
-        "warmup_steps": 500,
-        "warmup_factor": 0.001,
-        "milestones": [],
-        "gamma": 0.1,
-    },
-}
+#: The config keys that describe the detector: the keyword arguments of
+#: :meth:`ssdlit.Detector.build` but ``num_classes`` (which ``class_names`` gives).
+DETECTOR_KEYS: tuple[str, ...] = tuple(
+    name for name in inspect.signature(Detector.build).parameters if name != "num_classes"
+)
 
 
-def plain(obj: Any) -> Any:
-    """OmegaConf containers (resolved) and tuples to plain dicts and lists, recursively."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(obj):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - hydra brings omegaconf
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
+def default_optim() -> dict[str, Any]:
+    """The optimiser of a module built without one: ``conf/optim/sgd.yaml`` (the SSD
+    paper's SGD with warm-up and step decays), read from the installed configs."""
+    text = (files("ssdlit.conf") / "optim" / "sgd.yaml").read_text(encoding="utf-8")
+    return plain(OmegaConf.create(text))
 
 
 class DetectionModule(pl.LightningModule):
@@ -81,99 +65,97 @@ class DetectionModule(pl.LightningModule):
     Args:
         class_names: the C object class names (label ``i`` is ``class_names[i - 1]``); C
             is taken from here (the datamodule's ``class_names``).
-        image_size: network input ``(H, W)`` (or one int).
-        backbone, anchors, head: registry specs ``{name: ..., **kwargs}``.
-        matcher: the matcher spec (needed for the loss).
-        postprocess: the post-processor spec (default per-class NMS).
-        optim: ``{name: sgd|adamw, lr, momentum, weight_decay, no_decay_norm_and_bias,
-            betas, scheduler: {name, warmup_steps, warmup_factor, milestones, gamma,
-            min_factor}}`` (see conf/optim).
-        metrics: ``{iou_threshold: 0.5, iou_rule: devkit, coco: true, class_metrics: true}``
-            (``iou_rule``: ``devkit`` counts IoU >= threshold, ``strict`` IoU > threshold).
-        clip_boxes: clamp decoded boxes to the image before NMS.
+        optim: ``{name: sgd|adamw, lr, ..., scheduler: {...}}``
+            (:func:`ssdlit.training.optim.configure_optimizer`; the files of conf/optim);
+            None: :func:`default_optim`.
+        metrics: keyword arguments of :class:`~ssdlit.metrics.DetectionEvaluator`
+            (``iou_threshold``, ``iou_rule``, ``coco``, ``class_metrics``).
         channels_last: keep the network's weights (and so its activations) in the NHWC
             memory format, which the CPU convolutions run fastest in.
+        detector: the keyword arguments of :meth:`ssdlit.Detector.build` (the
+            :data:`DETECTOR_KEYS`: ``image_size``, the ``{name: ..., **kwargs}`` specs of
+            the backbone, anchors, head, matcher and post-processing, ...); ``image_size``
+            may be one int for a square input.
+
+    Every argument is saved as a hyper-parameter in plain containers (the detector's
+    with the defaults of :meth:`~ssdlit.Detector.build` filled in), so that
+    :meth:`from_checkpoint` rebuilds the same module.
     """
 
     def __init__(
         self,
         *,
         class_names: Sequence[str],
-        image_size: int | Sequence[int],
-        backbone: Mapping[str, Any],
-        anchors: Mapping[str, Any],
-        head: Mapping[str, Any],
-        matcher: Mapping[str, Any] | None = None,
-        postprocess: Mapping[str, Any] | None = None,
         optim: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
-        clip_boxes: bool = True,
         channels_last: bool = False,
+        **detector: Any,
     ) -> None:
         super().__init__()
-        size = (
-            [int(image_size), int(image_size)] if isinstance(image_size, int) else plain(image_size)
-        )
+        names = [str(c) for c in plain(class_names)]
+        if not names:
+            raise ValueError("class_names is empty: the data gives no classes")
+        spec = plain(detector)
+        if isinstance(spec.get("image_size"), int):
+            spec["image_size"] = [spec["image_size"]] * 2
+        bound = inspect.signature(Detector.build).bind(num_classes=len(names), **spec)
+        bound.apply_defaults()
         hparams = {
-            "class_names": [str(c) for c in plain(class_names)],
-            "image_size": [int(s) for s in size],
-            "backbone": plain(backbone),
-            "anchors": plain(anchors),
-            "head": plain(head),
-            "matcher": plain(matcher),
-            "postprocess": plain(postprocess) if postprocess is not None else {"name": "per_class"},
-            "optim": plain(optim) if optim is not None else copy.deepcopy(DEFAULT_OPTIM),
-            "metrics": plain(metrics) if metrics is not None else {},
-            "clip_boxes": bool(clip_boxes),
+            "class_names": names,
+            **{k: v for k, v in bound.arguments.items() if k != "num_classes"},
+            "optim": plain(optim) if optim is not None else default_optim(),
+            "metrics": plain(metrics) or {},
             "channels_last": bool(channels_last),
         }
-        if not hparams["class_names"]:
-            raise ValueError("class_names is empty: the data gives no classes")
         self.save_hyperparameters(hparams)
-        self.class_names: list[str] = hparams["class_names"]
-        self.detector = Detector.build(
-            num_classes=len(self.class_names),
-            image_size=hparams["image_size"],
-            backbone=hparams["backbone"],
-            anchors=hparams["anchors"],
-            head=hparams["head"],
-            postprocess=hparams["postprocess"],
-            matcher=hparams["matcher"],
-            clip_boxes=hparams["clip_boxes"],
-        )
+        self.class_names: list[str] = names
+        self.detector = Detector.build(*bound.args, **bound.kwargs)
         if channels_last:  # NHWC weights: the convolutions run in that layout (CPU: ~1.5x)
             self.detector.to(memory_format=torch.channels_last)
-        m = hparams["metrics"]
-        evaluator_options = {
-            "iou_threshold": float(m.get("iou_threshold", 0.5)),
-            "iou_rule": str(m.get("iou_rule", "devkit")),
-            "coco": bool(m.get("coco", True)),
-            "class_metrics": bool(m.get("class_metrics", True)),
-        }
-        self.val_evaluator = DetectionEvaluator(self.class_names, **evaluator_options)
-        self.test_evaluator = DetectionEvaluator(self.class_names, **evaluator_options)
+        self.val_evaluator = DetectionEvaluator(self.class_names, **hparams["metrics"])
+        self.test_evaluator = DetectionEvaluator(self.class_names, **hparams["metrics"])
         #: The last epoch's evaluation (``{"summary": ..., "per_class": ...}``) per stage.
         self.last_eval: dict[str, dict[str, Any]] = {}
         #: The last training step's loss terms (detached), for messages and callbacks.
         self.last_losses: dict[str, Tensor] = {}
 
-    # -- construction from a checkpoint ----------------------------------------------------
+    # -- construction from a config or a checkpoint ----------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], class_names: Sequence[str]) -> DetectionModule:
+        """The module of a composed train config (``conf/train.yaml``) for the data's
+        ``class_names``: its :data:`DETECTOR_KEYS`, ``optim``, ``metrics`` and
+        ``channels_last``; a key the config leaves out keeps its default."""
+        keys = (*DETECTOR_KEYS, "optim", "metrics", "channels_last")
+        return cls(class_names=list(class_names), **{k: cfg[k] for k in keys if k in cfg})
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, map_location: Any = "cpu", **overrides: Any
+        cls,
+        path: str | Path,
+        map_location: Any = "cpu",
+        *,
+        postprocess_options: Mapping[str, Any] | None = None,
+        **overrides: Any,
     ) -> DetectionModule:
         """Rebuild from a checkpoint read with ``weights_only=True``, weights included.
 
         The backbone is built with ``pretrained=False`` (the checkpoint's weights replace
-        any download). ``overrides`` replace saved hyper-parameters (e.g. ``postprocess``,
-        ``metrics``).
+        any download). ``overrides`` replace saved hyper-parameters (e.g. ``metrics``);
+        ``postprocess_options`` change some options of the saved post-processing (e.g.
+        ``{"top_k": 100}``; with ``name``, another post-processor), which is not part of
+        the weights.
         """
         ckpt = load_checkpoint(path, map_location=map_location)
         hparams = dict(ckpt.get("hyper_parameters") or {})
         if "class_names" not in hparams:
             raise ValueError(f"{path} is not a ssdlit DetectionModule checkpoint (no class_names)")
         hparams.update(plain(overrides))
+        if postprocess_options:
+            hparams["postprocess"] = {
+                **(hparams.get("postprocess") or {}),
+                **plain(postprocess_options),
+            }
         backbone = dict(hparams["backbone"])
         if "pretrained" in backbone:
             backbone["pretrained"] = False
@@ -262,18 +244,9 @@ class DetectionModule(pl.LightningModule):
     # -- optimisation ----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        cfg = dict(self.hparams["optim"])
-        groups = parameter_groups(
-            self,
-            weight_decay=float(cfg.get("weight_decay", 0.0)),
-            no_decay_norm_and_bias=bool(cfg.get("no_decay_norm_and_bias", True)),
-        )
-        optimizer = build_optimizer(groups, cfg)
-        sched_cfg = cfg.get("scheduler")
-        if sched_cfg is None:
-            return optimizer
+        cfg = self.hparams["optim"]
         total = None
-        if sched_cfg.get("name") == "cosine":
+        if (cfg.get("scheduler") or {}).get("name") == "cosine":
             estimated = self.trainer.estimated_stepping_batches
             if not math.isfinite(estimated):
                 raise ValueError(
@@ -282,7 +255,9 @@ class DetectionModule(pl.LightningModule):
                     "the decay should span)"
                 )
             total = int(estimated)
-        scheduler = build_scheduler(optimizer, sched_cfg, total)
+        optimizer, scheduler = configure_optimizer(self, cfg, total)
+        if scheduler is None:
+            return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

@@ -1,22 +1,27 @@
 """Anchor generators, matchers and anchor fitting.
 
-Generators return anchors ``[A, 4]`` cxcywh normalised to [0, 1] in the order
-(level, row y, column x, box); matchers turn a batch of ground truth into
+Generators lay anchors out as an :class:`AnchorGrid` (``generator.grid(feature_sizes)``)
+whose ``flat()`` is the anchors ``[A, 4]`` cxcywh normalised to [0, 1] in the order
+(level, row y, column x, box) (``generator(feature_sizes)`` gives that directly);
+matchers (:mod:`ssdlit.anchors.matching`) turn a batch of ground truth into
 ``matches [B, A]`` (gt index, -1 background, -2 ignored).
 """
 
 from ssdlit.anchors.base import AnchorGenerator
 from ssdlit.anchors.d2l import D2LAnchorGenerator
+from ssdlit.anchors.grid import AnchorGrid
 from ssdlit.anchors.kmeans import AnchorCoverage, anchor_coverage, kmeans_anchors, shape_iou
-from ssdlit.anchors.matchers import (
+from ssdlit.anchors.matching import (
     BACKGROUND,
     IGNORE,
     FasterRCNNMatcher,
     Matcher,
+    MatchSampler,
     SSDMatcher,
     YOLOv3Matcher,
     greedy_bipartite,
     masked_iou,
+    ssd_match,
 )
 from ssdlit.anchors.retina import RetinaAnchorGenerator
 from ssdlit.anchors.ssd import SSDAnchorGenerator, SSDCaffeAnchorGenerator
@@ -28,8 +33,10 @@ __all__ = [
     "IGNORE",
     "AnchorCoverage",
     "AnchorGenerator",
+    "AnchorGrid",
     "D2LAnchorGenerator",
     "FasterRCNNMatcher",
+    "MatchSampler",
     "Matcher",
     "RetinaAnchorGenerator",
     "SSDAnchorGenerator",
@@ -42,4 +49,5 @@ __all__ = [
     "kmeans_anchors",
     "masked_iou",
     "shape_iou",
+    "ssd_match",
 ]

@@ -16,38 +16,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ssdlit.boxes import convert
+from ssdlit.anchors.grid import CLIP_MODES, AnchorGrid, grid_boxes
 
 __all__ = ["AnchorGenerator", "PerLevel", "grid_boxes", "pair_per_level"]
 
 Number = int | float
 #: One number per level or a (y, x) pair per level.
 PerLevel = Sequence[Number | Sequence[Number]]
-
-CLIP_MODES = (False, True, "ssd_keras", "unit")
-
-
-def grid_boxes(cx: Tensor, cy: Tensor, wh: Tensor) -> Tensor:
-    """The boxes of one level ``[fh * fw * n, 4]`` cxcywh, in the order (row y, column x, box).
-
-    Args:
-        cx: ``[fw]`` cell centres along x; cy: ``[fh]`` along y.
-        wh: ``[n, 2]`` the widths and heights of a cell's boxes (the same units as the
-            centres), or ``[fh, fw, n, 2]`` when they differ from cell to cell.
-    """
-    fh, fw, n = cy.shape[0], cx.shape[0], wh.shape[-2]
-    cy_grid, cx_grid = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw] each
-    wh = wh.expand(fh, fw, n, 2)
-    boxes = torch.stack(
-        (
-            cx_grid[:, :, None].expand(fh, fw, n),
-            cy_grid[:, :, None].expand(fh, fw, n),
-            wh[..., 0],
-            wh[..., 1],
-        ),
-        dim=-1,
-    )  # [fh, fw, n, 4]
-    return boxes.reshape(-1, 4)
 
 
 def pair_per_level(
@@ -124,15 +99,20 @@ class AnchorGenerator(ABC):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """Anchors ``[A, 4]`` cxcywh normalised to the input, order (level, y, x, box).
+        """Anchors ``[A, 4]`` cxcywh normalised to the input, order (level, y, x, box):
+        ``self.grid(feature_sizes).flat(device, dtype)``."""
+        return self.grid(feature_sizes).flat(device=device, dtype=dtype)
 
-        ``feature_sizes`` holds ``(h, w)`` of each level's feature map. Computed in
-        float64 and cast to ``dtype`` at the end.
-        """
-        levels = [
-            self._level(level, *grid) for level, grid in enumerate(self._grids(feature_sizes))
-        ]
-        return torch.cat(levels, dim=0).to(device=device, dtype=dtype)
+    def grid(self, feature_sizes: Sequence[Sequence[int]]) -> AnchorGrid:
+        """The :class:`~ssdlit.anchors.grid.AnchorGrid` on maps of ``feature_sizes``
+        (``(h, w)`` per level): centres ``(offset + i) * step`` and :meth:`cell_sizes`,
+        in pixels, with this generator's clipping."""
+        levels = []
+        for level, (size, step, offset) in enumerate(self._grids(feature_sizes)):
+            cx, cy, _, _ = self._centres(size, step, offset)
+            levels.append((cx, cy, self.cell_sizes(level)))
+        img_h, img_w = self.image_size
+        return AnchorGrid.of(levels, scale=(img_w, img_h), clip=self.clip)
 
     def cells(
         self,
@@ -188,32 +168,6 @@ class AnchorGenerator(ABC):
         cy = (off_y + torch.arange(fh, dtype=torch.float64)) * step_y  # [fh]
         cx = (off_x + torch.arange(fw, dtype=torch.float64)) * step_x  # [fw]
         return cx, cy, float(step_x), float(step_y)
-
-    def _level(
-        self,
-        level: int,
-        feature_size: tuple[int, int],
-        step: tuple[float, float] | None,
-        offset: tuple[float, float] | None,
-    ) -> Tensor:
-        img_h, img_w = self.image_size
-        cx, cy, _, _ = self._centres(feature_size, step, offset)
-        f64 = torch.float64
-        boxes = grid_boxes(cx, cy, self.cell_sizes(level).to(f64))  # [fh * fw * n, 4] pixels
-        scale = torch.tensor([img_w, img_h, img_w, img_h], dtype=f64)
-        if not self.clip:
-            # Straight in cxcywh: every anchor of one prior keeps exactly the same w, h.
-            return (boxes / scale).reshape(-1, 4)
-        boxes = convert(boxes, "cxcywh", "xyxy")
-        if self.clip in (True, "ssd_keras"):
-            x, y = boxes[..., 0::2], boxes[..., 1::2]
-            x = torch.where(x >= img_w, img_w - 1.0, x).clamp(min=0)
-            y = torch.where(y >= img_h, img_h - 1.0, y).clamp(min=0)
-            boxes = torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
-        boxes = boxes / scale
-        if self.clip == "unit":
-            boxes = boxes.clamp(0.0, 1.0)
-        return convert(boxes, "xyxy", "cxcywh").reshape(-1, 4)
 
     def __repr__(self) -> str:
         return (

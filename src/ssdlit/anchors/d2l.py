@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ssdlit.anchors.base import AnchorGenerator, grid_boxes
+from ssdlit.anchors.base import AnchorGenerator
+from ssdlit.anchors.grid import AnchorGrid
 from ssdlit.registry import ANCHORS
 
 __all__ = ["D2LAnchorGenerator", "d2l_shapes"]
@@ -93,17 +94,9 @@ class D2LAnchorGenerator(AnchorGenerator):
         wh = self._normalised_wh(level, (img_h, img_w))
         return wh * torch.tensor([img_w, img_h], dtype=torch.float64)
 
-    def __call__(
-        self,
-        feature_sizes: Sequence[Sequence[int]],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        """Anchors ``[A, 4]`` cxcywh normalised to the input, order (level, y, x, box).
-
-        ``feature_sizes`` holds ``(h, w)`` of each level's map. Computed in float64 and
-        cast to ``dtype`` at the end.
-        """
+    def grid(self, feature_sizes: Sequence[Sequence[int]]) -> AnchorGrid:
+        """The grid on maps of ``feature_sizes`` (``(h, w)`` per level), normalised:
+        centres at ``(i + 0.5) / f`` and each map's own box sizes."""
         if len(feature_sizes) != self.num_levels:
             raise ValueError(
                 f"{type(self).__name__} is configured for {self.num_levels} levels, "
@@ -116,5 +109,5 @@ class D2LAnchorGenerator(AnchorGenerator):
             wh = self._normalised_wh(level, (fh, fw))  # [n, 2]
             cy = (torch.arange(fh, dtype=f64) + 0.5) / fh  # [fh]
             cx = (torch.arange(fw, dtype=f64) + 0.5) / fw  # [fw]
-            levels.append(grid_boxes(cx, cy, wh))  # [fh * fw * n, 4]
-        return torch.cat(levels, dim=0).to(device=device, dtype=dtype)
+            levels.append((cx, cy, wh))
+        return AnchorGrid.of(levels)

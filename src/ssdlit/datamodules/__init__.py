@@ -5,12 +5,20 @@ Importing this package registers the sources in :data:`ssdlit.registry.DATASETS`
 arguments only and exposes ``records`` (:class:`Record`), ``class_names`` and ``report``
 (:class:`DataReport`). :class:`DetectionDataModule` turns sources into batches with the
 augmentation pipelines of :func:`build_transforms` (``ssd``, ``light``, ``val``).
+:func:`build_datamodule` (:mod:`ssdlit.datamodules.from_config`) builds both from the
+``data`` and ``augment`` config nodes.
 """
 
 from ssdlit.datamodules.coco import COCOSource
 from ssdlit.datamodules.collate import collate_detection, pad_targets, to_original_pixels
 from ssdlit.datamodules.csv_source import DEFAULT_COLUMNS, SSD_KERAS_COLUMNS, CSVSource
 from ssdlit.datamodules.datamodule import DetectionDataModule, DetectionDataset
+from ssdlit.datamodules.from_config import (
+    build_datamodule,
+    build_source,
+    build_sources,
+    split_specs,
+)
 from ssdlit.datamodules.images import (
     ImageHeader,
     decode_image,
@@ -41,6 +49,9 @@ __all__ = [
     "SyntheticSource",
     "VOCSource",
     "Validator",
+    "build_datamodule",
+    "build_source",
+    "build_sources",
     "build_transforms",
     "collate_detection",
     "decode_image",
@@ -48,6 +59,7 @@ __all__ = [
     "load_rgb",
     "pad_targets",
     "read_header",
+    "split_specs",
     "to_original_pixels",
     "write_synthetic_voc",
 ]

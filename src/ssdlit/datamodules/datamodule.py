@@ -45,10 +45,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from ssdlit.config import plain
 from ssdlit.datamodules.collate import collate_detection, make_meta
 from ssdlit.datamodules.records import DataError, Record
 from ssdlit.datamodules.transforms import apply_transform, as_hw, build_transforms, find_letterbox
-from ssdlit.datamodules.transforms.pipelines import plain_config
 from ssdlit.datamodules.validation import DataReport, Problem
 
 __all__ = [
@@ -312,7 +312,7 @@ def predict_records(inputs: str | Path | Sequence[str | Path]) -> list[Record]:
     file stem, or the path when stems repeat. Width and height are left 0 (the decoded
     image's size is used).
     """
-    items = [inputs] if isinstance(inputs, (str, Path)) else list(plain_config(inputs))
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(plain(inputs))
     paths: list[Path] = []
     for item in items:
         text = str(item)
@@ -426,14 +426,14 @@ class DetectionDataModule(pl.LightningDataModule):
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
         self.loader = loader
-        self.augment: dict[str, Any] = {**DEFAULT_AUGMENT, **dict(plain_config(augment) or {})}
+        self.augment: dict[str, Any] = {**DEFAULT_AUGMENT, **dict(plain(augment) or {})}
         unknown = set(self.augment) - set(_SPLITS)
         if unknown:
             raise ValueError(f"augment: unknown split(s) {sorted(unknown)}; splits: {_SPLITS}")
         if isinstance(cache_images, bool):
             self.cache_splits = {"train", "val", "test"} if cache_images else set()
         else:
-            self.cache_splits = set(plain_config(cache_images))
+            self.cache_splits = set(plain(cache_images))
 
         if on_bad not in ("error", "skip"):
             raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
@@ -495,7 +495,7 @@ class DetectionDataModule(pl.LightningDataModule):
 
     def build_transform(self, split: str) -> Any:
         """The augmentation pipeline of ``split`` (built from :attr:`augment`)."""
-        spec = plain_config(self.augment[split])
+        spec = plain(self.augment[split])
         if spec is None:
             return None
         if callable(spec):

@@ -11,11 +11,9 @@ from ssdlit.heads.base import DetectionHead, flatten_level, flatten_levels, prio
 from ssdlit.heads.losses import (
     MINING_MODES,
     MultiBoxLoss,
-    encode_targets,
-    gather_targets,
-    hard_negative_mask,
+    background_loss,
+    mine_negatives,
     multibox_loss,
-    positive_targets,
 )
 from ssdlit.heads.retina import RetinaHead
 from ssdlit.heads.ssd import SSDHead, SSDLiteHead
@@ -29,12 +27,10 @@ __all__ = [
     "SSDHead",
     "SSDLiteHead",
     "YoloHead",
-    "encode_targets",
+    "background_loss",
     "flatten_level",
     "flatten_levels",
-    "gather_targets",
-    "hard_negative_mask",
+    "mine_negatives",
     "multibox_loss",
-    "positive_targets",
     "prior_bias",
 ]

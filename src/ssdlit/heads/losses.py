@@ -8,12 +8,13 @@ Everything here works on the whole batch at once; there is no loop over images.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssdlit.anchors.matchers import BACKGROUND, positive_indices
+from ssdlit.anchors.matching import BACKGROUND, keys
 from ssdlit.boxes import BoxCoder, convert
 
 __all__ = [
@@ -22,9 +23,8 @@ __all__ = [
     "NEG_POS_RATIO",
     "N_NEG_MIN",
     "MultiBoxLoss",
-    "encode_targets",
-    "gather_targets",
-    "hard_negative_mask",
+    "background_loss",
+    "mine_negatives",
     "multibox_loss",
     "positive_targets",
 ]
@@ -43,96 +43,99 @@ N_NEG_MIN = 16
 MINING = "per_image"
 
 
-def gather_targets(matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
-    """The ground truth of each anchor.
-
-    Args:
-        matches: ``[B, A]`` long (gt index, -1 background, -2 ignored).
-        gt_boxes: ``[B, G, 4]`` xyxy normalised (G may be 0).
-        gt_labels: ``[B, G]`` int64 in 1..C.
-    Returns:
-        ``labels [B, A]`` int64: the matched gt's label for positives, 0 (background)
-        for every other anchor (ignored ones included: mask them yourself), and
-        ``boxes [B, A, 4]`` xyxy: the matched gt box (for non-positives: gt slot 0 or zeros,
-        meaningless).
-    """
-    b, a = matches.shape
-    if gt_boxes.shape[1] == 0:  # no slot to gather from: nothing can be positive
-        gt_boxes = gt_boxes.new_zeros(b, 1, 4)
-        gt_labels = gt_labels.new_zeros(b, 1)
-    idx = matches.clamp(min=0)  # [B, A]
-    boxes = gt_boxes.gather(1, idx[..., None].expand(b, a, 4))  # [B, A, 4]
-    labels = gt_labels.gather(1, idx)  # [B, A]
-    labels = torch.where(matches >= 0, labels, torch.zeros_like(labels))
-    return labels.long(), boxes
-
-
-def encode_targets(
-    coder: BoxCoder, matched_xyxy: Tensor, anchors: Tensor, positive: Tensor
-) -> Tensor:
-    """Regression targets ``[B, A, 4]``: ``coder.encode`` of each positive's gt against its anchor.
-
-    Non-positive anchors get zeros (their gt is replaced by the anchor itself before
-    encoding, so no ``log(0)`` reaches the graph). ``matched_xyxy [B, A, 4]``, ``anchors
-    [A, 4]`` cxcywh, ``positive [B, A]`` bool.
-    """
-    anchors = anchors.to(matched_xyxy.dtype)
-    gt = convert(matched_xyxy, "xyxy", "cxcywh")  # [B, A, 4]
-    gt = torch.where(positive[..., None], gt, anchors.expand_as(gt))
-    return coder.encode(gt, anchors)
+def _nonzero(mask: Tensor, size: int) -> Tensor:
+    """The indices ``[size]`` of the True entries of the 1-d ``mask``, knowing their
+    number (no second host read on accelerators where ``nonzero_static`` exists)."""
+    if hasattr(torch, "nonzero_static"):
+        return torch.nonzero_static(mask, size=size).squeeze(1)
+    return mask.nonzero().squeeze(1)
 
 
 def positive_targets(
-    matches: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    anchors: Tensor,
-    coder: BoxCoder,
-    positives: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Training targets touching only the positive anchors (the sparse counterpart of
-    :func:`gather_targets` + :func:`encode_targets`; it needs ``nonzero``, so it runs
-    on real devices only, not on the meta device the dense loss also supports).
+    matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor, count: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The positives of ``matches [B, A]`` and their ground truth, without a dense target.
 
     Args:
         matches: ``[B, A]`` long (gt index, -1 background, -2 ignored).
-        gt_boxes: ``[B, G, 4]`` xyxy normalised.
-        gt_labels: ``[B, G]`` int64 in 1..C.
-        anchors: ``[A, 4]`` cxcywh normalised.
-        coder: encodes each positive's gt against its anchor.
-        positives: ``[P]`` long, the flat indices of ``matches >= 0`` ascending, when
-            already known (:meth:`ssdlit.anchors.Matcher.match_positives`); else searched.
+        gt_boxes: ``[B, G, 4]`` xyxy normalised; gt_labels: ``[B, G]`` int64.
+        count: the number of positives, ``int((matches >= 0).sum())`` (read by the
+            caller together with whatever else it needs on the host).
     Returns:
-        ``image [P]`` and ``anchor [P]`` (long) of the P positives in row-major
-        order, their regression targets ``[P, 4]`` (``coder.encode``, the dtype of
-        ``gt_boxes``) and ``labels [B, A]`` int64: the matched gt's label for
-        positives, 0 for every other anchor (ignored ones included).
+        ``positives [P]`` long, flat indices into ``matches.view(-1)`` ascending (anchor
+        ``positives % A``, image ``positives // A``), their gt boxes ``[P, 4]`` xyxy and
+        labels ``[P]`` int64.
     """
-    b, a = matches.shape
-    if positives is None:
-        positives = positive_indices(matches)  # [P]
-    image, anchor = positives // a, positives % a
-    gt = image * gt_boxes.shape[1] + matches.reshape(-1).index_select(0, positives)
-    matched = convert(gt_boxes.reshape(-1, 4).index_select(0, gt), "xyxy", "cxcywh")  # [P, 4]
-    loc = coder.encode(matched, anchors.to(matched.dtype).index_select(0, anchor))
-    labels = torch.zeros((b, a), dtype=torch.long, device=matches.device)
-    labels.view(-1).index_put_((positives,), gt_labels.reshape(-1).index_select(0, gt).long())
-    return image, anchor, loc, labels
+    a = matches.shape[1]
+    positives = _nonzero(matches.reshape(-1) >= 0, count)  # [P]
+    gt = (positives // a) * gt_boxes.shape[1] + matches.reshape(-1).index_select(0, positives)
+    boxes = gt_boxes.reshape(-1, 4).index_select(0, gt)
+    return positives, boxes, gt_labels.reshape(-1).index_select(0, gt).long()
 
 
-def hard_negative_mask(
-    cls_loss: Tensor,
+def background_loss(cls_logits: Tensor) -> Tensor:
+    """The cross-entropy of the background class for every anchor, ``[B, A]`` float32
+    (or wider), without gradient: what hard negative mining ranks (it equals the
+    classification loss of every anchor that is not positive).
+
+    ``cls_logits [B, A, K]`` (column 0 = background): ``log(sum_k exp(l_k - l_0))``,
+    the sum over K as a matrix-vector product (several times faster than a reduction
+    over a short last dimension). On the CPU, in blocks of rows that stay in cache, as
+    ``log(sum_k exp(l_k)) - l_0``; a block whose logits leave the range of ``exp``
+    (|l| > ~87: a sum that overflows or underflows) is computed shifted by each row's
+    largest logit instead, as on other devices (there without host reads).
+    """
+    b, a, k = cls_logits.shape
+    dtype = torch.promote_types(cls_logits.dtype, torch.float32)
+    device = cls_logits.device
+    # float32 even under autocast (its matmul would run in bfloat16 / float16)
+    exact = torch.autocast(device.type, enabled=False) if device.type != "meta" else nullcontext()
+    rows = cls_logits.detach().reshape(b * a, k)
+    out = torch.empty(b * a, dtype=dtype, device=device)
+    with torch.no_grad(), exact:
+        ones = torch.ones(k, 1, dtype=dtype, device=device)
+        if device.type != "cpu":
+            return _shifted_background_loss(rows.to(dtype), ones).view(b, a)
+        step = max(1, _BLOCK // k)
+        work = torch.empty(min(step, b * a), k, dtype=dtype, device=device)
+        for start in range(0, b * a, step):
+            block = rows[start : start + step].to(dtype)
+            e = torch.exp(block, out=work[: block.shape[0]])
+            part = out[start : start + step]
+            torch.mm(e, ones, out=part[:, None]).log_()
+            part.sub_(block[:, 0])
+        bad = ~torch.isfinite(out)  # a sum outside exp's range: 0 or inf
+        if bool(bad.any()):
+            index = bad.nonzero().squeeze(1)
+            out[index] = _shifted_background_loss(rows.index_select(0, index).to(dtype), ones)
+    return out.view(b, a)
+
+
+def _shifted_background_loss(rows: Tensor, ones: Tensor) -> Tensor:
+    """``logsumexp(rows) - rows[:, 0]`` for ``rows [N, K]``, shifted by each row's
+    maximum as a cross-entropy is (finite for any finite logits); ``ones [K, 1]``."""
+    top = rows.amax(dim=1, keepdim=True)
+    total = torch.mm((rows - top).exp_(), ones).log_()  # [N, 1]
+    return (total + top).squeeze(1) - rows[:, 0]
+
+
+_BLOCK = 1 << 18  # logits per block of background_loss on the CPU (1 MiB of float32)
+
+
+def mine_negatives(
+    bg_loss: Tensor,
     matches: Tensor,
     neg_pos_ratio: float = NEG_POS_RATIO,
     n_neg_min: int = N_NEG_MIN,
     mining: str = MINING,
-) -> Tensor:
-    """Which background anchors the classification loss keeps: the hardest ones.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The hard negatives: the background anchors whose loss is highest.
 
     The budget is ``floor(neg_pos_ratio * positives)``, raised to at least ``n_neg_min``
     and capped by the number of background anchors (``matches == -1``) whose loss is
     non-zero; the budget's worth of highest-loss background anchors is kept (ties: lower
-    anchor index first). Ignored anchors (-2) are never kept.
+    anchor index first; ranked on the float32 value of the loss). Ignored anchors (-2)
+    are never kept.
 
     - ``mining="per_image"`` (SSD paper, torchvision; the default): positives,
       ``n_neg_min`` and the budget are counted per image; each image keeps its own
@@ -143,28 +146,58 @@ def hard_negative_mask(
       so an image without objects gets negatives only where they are among the
       batch's hardest (a batch without any object keeps its ``n_neg_min`` hardest).
 
+    Works on R rows (B images, or 1 for the batch) with a ``torch.topk`` of the largest
+    budget: the one host read of the training step (:func:`multibox_loss`) brings that
+    number to the host together with the number of positives.
+
     Args:
-        cls_loss: ``[B, A]`` per-anchor classification loss (detached here).
+        bg_loss: ``[B, A]`` the background loss of each anchor (:func:`background_loss`).
         matches: ``[B, A]`` long.
     Returns:
-        ``[B, A]`` bool mask of the kept negatives.
+        ``flat [R, k]`` long: indices into ``matches.view(-1)`` of the kept negatives,
+        hardest first (entries past a row's budget are 0 and not kept);
+        ``kept [R, k]`` bool: which entries are kept; ``budget [R]`` long: the
+        negatives kept per row; ``num_pos [B]`` long: the positives of each image.
     """
+    key, budget, num_pos = _negative_keys(bg_loss, matches, neg_pos_ratio, n_neg_min, mining)
+    index, kept = _hardest(key, budget, int(budget.max()), matches.shape, mining)
+    return index, kept, budget, num_pos
+
+
+def _negative_keys(
+    bg_loss: Tensor, matches: Tensor, neg_pos_ratio: float, n_neg_min: int, mining: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mine_negatives` up to the host read: ``key [R, N]`` int64 (the float32
+    bits of the loss << 32 | N - 1 - index; -1 for non-candidates), ``budget [R]`` and
+    ``num_pos [B]``."""
     if mining not in MINING_MODES:
         raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
-    shape = matches.shape
-    loss = cls_loss.detach()
+    num_pos = (matches >= 0).sum(dim=1)  # [B]
+    candidate = (matches == BACKGROUND) & (bg_loss > 0)  # [B, A]
+    loss, rows_pos = bg_loss, num_pos
     if mining == "per_batch":  # the batch is one long image
-        loss, matches = loss.reshape(1, -1), matches.reshape(1, -1)
-    num_pos = (matches >= 0).sum(dim=1)  # [R]
-    candidates = (matches == BACKGROUND) & (loss > 0)  # [R, N]
-    budget = torch.floor(num_pos.to(loss.dtype) * neg_pos_ratio).long()
-    budget = budget.clamp(min=int(n_neg_min)).minimum(candidates.sum(dim=1))  # [R]
-    ranked = loss.masked_fill(~candidates, -1.0)  # losses are >= 0: non-candidates go last
-    order = ranked.argsort(dim=1, descending=True, stable=True)  # [R, N]
-    rank = torch.arange(ranked.shape[1], device=ranked.device)  # [N]
-    keep_sorted = rank[None, :] < budget[:, None]  # [R, N], in sorted order
-    keep = torch.zeros_like(candidates).scatter(1, order, keep_sorted)
-    return keep.reshape(shape)
+        loss, candidate, rows_pos = loss.reshape(1, -1), candidate.view(1, -1), num_pos.sum(0, True)
+    n = loss.shape[1]
+    # one int64 key per anchor: the highest loss first, the lower index among equals
+    key = keys.pack(loss, torch.arange(n, device=loss.device), n).masked_fill_(~candidate, -1)
+    budget = torch.floor(rows_pos.double() * float(neg_pos_ratio)).long()
+    budget = budget.clamp(min=int(n_neg_min)).minimum(candidate.sum(dim=1))  # [R]
+    return key, budget, num_pos
+
+
+def _hardest(
+    key: Tensor, budget: Tensor, k: int, shape: torch.Size, mining: str
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` (>= every budget) highest keys of each row as flat indices into the
+    ``[B, A]`` matches, and which of them are within their row's budget."""
+    b, a = shape
+    n = key.shape[1]
+    top = key.topk(k, dim=1).values if k > 0 else key[:, :0]  # [R, k] descending
+    kept = torch.arange(k, device=key.device) < budget[:, None]  # [R, k]
+    index = torch.where(kept, keys.index_of(top, n), 0)  # within the row
+    if mining == "per_image":
+        index = index + torch.arange(b, device=key.device)[:, None] * a
+    return index, kept
 
 
 def multibox_loss(
@@ -182,10 +215,10 @@ def multibox_loss(
     mining: str = MINING,
     beta: float = 1.0,
 ) -> dict[str, Tensor]:
-    """The SSD MultiBox loss with hard negative mining.
+    """The SSD MultiBox loss with hard negative mining, on the anchors that count only.
 
     - classification: softmax cross-entropy over the K = C + 1 columns (0 = background)
-      on the positives and on the negatives chosen by :func:`hard_negative_mask`;
+      on the positives and on the negatives chosen by :func:`mine_negatives`;
     - localisation: smooth-L1 (``beta`` 1 as in the paper; smaller is closer to L1 and
       pushes harder on small errors), summed over the 4 numbers, between the
       positives' ``box_deltas`` and ``coder.encode(matched gt, anchor)``;
@@ -199,10 +232,12 @@ def multibox_loss(
     what it weighs beside a positive, instead of a batch of background photos summing
     its negatives over N = 1.
 
-    Images without objects: under the defaults (``mining="per_image"``,
-    ``n_neg_min`` = :data:`N_NEG_MIN`) each keeps its hardest ``n_neg_min``
-    background anchors, so its class logits get a gradient (see
-    :func:`hard_negative_mask`).
+    How: the background loss of every anchor is computed once without gradient (what
+    mining ranks); the positives and the mined negatives are then gathered (``[P, K]``
+    and ``[R, k, K]`` rows) and only they enter the graph: the regression targets
+    exist for the P positives only (``[P, 4]``), never as a dense ``[B, A, 4]``. The
+    step reads two numbers on the host, once (the positives and the largest negative
+    budget: the sizes of those gathers).
 
     Args:
         cls_logits: ``[B, A, K]``.
@@ -224,24 +259,31 @@ def multibox_loss(
     if anchors.shape != (a, 4):
         raise ValueError(f"anchors must be [{a}, 4], got {tuple(anchors.shape)}")
     dtype = torch.promote_types(cls_logits.dtype, torch.float32)
-    positive = matches >= 0  # [B, A]
-    labels, matched = gather_targets(matches, gt_boxes, gt_labels)
+    bg = background_loss(cls_logits)  # [B, A], no gradient
+    key, budget, num_pos = _negative_keys(bg, matches, neg_pos_ratio, n_neg_min, mining)
+    # The one host read of the step: the sizes of the two gathers below.
+    p, most = torch.stack((num_pos.sum(), budget.max())).tolist()
+    negatives, kept = _hardest(key, budget, most, matches.shape, mining)
+    positives, gt_xyxy, labels = positive_targets(matches, gt_boxes, gt_labels, p)
 
+    # The positives and the mined negatives, gathered once ([P + R * k, K] rows).
+    rows = torch.cat((positives, negatives.reshape(-1)))
+    target = torch.cat((labels, negatives.new_zeros(negatives.numel())))
+    weight = torch.cat((kept.new_ones(p), kept.reshape(-1))).to(dtype)
     ce = F.cross_entropy(
-        cls_logits.to(dtype).reshape(b * a, k), labels.reshape(b * a), reduction="none"
-    ).reshape(b, a)
-    negative = hard_negative_mask(ce, matches, neg_pos_ratio, n_neg_min, mining)
-    cls_sum = (ce * (positive | negative)).sum()
+        cls_logits.reshape(b * a, k).index_select(0, rows).to(dtype), target, reduction="none"
+    )
+    cls_sum = (ce * weight).sum()
 
+    matched = convert(gt_xyxy.to(dtype), "xyxy", "cxcywh")  # [P, 4]
     anchors = anchors.to(device=cls_logits.device, dtype=dtype)
-    targets = encode_targets(coder, matched.to(dtype), anchors, positive)
-    loc = F.smooth_l1_loss(box_deltas.to(dtype), targets, beta=beta, reduction="none").sum(-1)
-    loc_sum = (loc * positive).sum()
+    targets = coder.encode(matched, anchors.index_select(0, positives % a))  # [P, 4]
+    deltas = box_deltas.reshape(b * a, 4).index_select(0, positives).to(dtype)
+    loc_sum = F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum")
 
-    n = positive.sum().to(dtype)
+    n: Tensor | float = float(max(p, 1))
     if neg_pos_ratio > 0:
-        n = torch.maximum(n, negative.sum().to(dtype) / neg_pos_ratio)
-    n = n.clamp(min=1)
+        n = (budget.sum().to(dtype) / neg_pos_ratio).clamp(min=n)
     loss_cls, loss_box = cls_sum / n, loc_sum / n
     return {"loss": loss_cls + alpha * loss_box, "loss_cls": loss_cls, "loss_box": loss_box}
 
@@ -257,7 +299,7 @@ class MultiBoxLoss:
             default :data:`N_NEG_MIN`, which gives images without objects their hardest
             negatives).
         alpha: weight of the localisation term.
-        mining: ``"per_image"`` (default) or ``"per_batch"`` (see :func:`hard_negative_mask`).
+        mining: ``"per_image"`` (default) or ``"per_batch"`` (see :func:`mine_negatives`).
         beta: the smooth-L1 transition point of the localisation term (>= 0; 0 is L1).
         coder: a ready :class:`~ssdlit.boxes.BoxCoder` to share with the head.
     """

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from ssdlit.anchors.matchers import IGNORE
-from ssdlit.boxes import BoxCoder
+from ssdlit.anchors.matching import IGNORE
+from ssdlit.boxes import BoxCoder, convert
 from ssdlit.heads.base import DetectionHead, flatten_levels, prior_bias
-from ssdlit.heads.losses import encode_targets, gather_targets
+from ssdlit.heads.losses import positive_targets
 from ssdlit.registry import HEADS
 
 __all__ = ["RetinaHead"]
@@ -165,26 +165,33 @@ class RetinaHead(DetectionHead):
         logits = outputs["cls_logits"]
         dtype = torch.promote_types(logits.dtype, torch.float32)
         logits = logits.to(dtype)
+        b, a = matches.shape
         positive = matches >= 0  # [B, A]
         valid = matches != IGNORE  # [B, A]
-        labels, matched = gather_targets(matches, gt_boxes, gt_labels)
-        # one-hot over 0..C, then drop the background column: background rows are all 0
-        onehot = F.one_hot(labels, self.num_classes + 1)[..., 1:].to(dtype)  # [B, A, C]
+        p = int(positive.sum())  # the host read of the step: the positives' count
+        pos, gt_xyxy, pos_labels = positive_targets(matches, gt_boxes, gt_labels, p)
+        # one-hot over 1..C: background rows (and ignored ones, masked below) are all 0
+        onehot = torch.zeros_like(logits).view(b * a, -1)
+        onehot.index_put_((pos, pos_labels - 1), onehot.new_ones(p))
         focal = sigmoid_focal_loss(
-            logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+            logits,
+            onehot.view_as(logits),
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+            reduction="none",
         ).sum(-1)  # [B, A]
         cls_sum = (focal * valid).sum()
 
         anchors = anchors.to(device=logits.device, dtype=dtype)
-        targets = encode_targets(self.coder, matched.to(dtype), anchors, positive)
-        deltas = outputs["box_deltas"].to(dtype)
+        matched = convert(gt_xyxy.to(dtype), "xyxy", "cxcywh")  # [P, 4]
+        targets = self.coder.encode(matched, anchors.index_select(0, pos % a))  # [P, 4]
+        deltas = outputs["box_deltas"].reshape(b * a, 4).index_select(0, pos).to(dtype)
         if self.box_loss == "l1":
-            box = F.l1_loss(deltas, targets, reduction="none").sum(-1)
+            box_sum = F.l1_loss(deltas, targets, reduction="sum")
         else:
-            box = F.smooth_l1_loss(deltas, targets, beta=self.beta, reduction="none").sum(-1)
-        box_sum = (box * positive).sum()
+            box_sum = F.smooth_l1_loss(deltas, targets, beta=self.beta, reduction="sum")
 
-        n = positive.sum().clamp(min=1).to(dtype)
+        n = float(max(p, 1))
         loss_cls, loss_box = cls_sum / n, box_sum / n
         return {
             "loss": loss_cls + self.box_weight * loss_box,

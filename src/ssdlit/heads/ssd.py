@@ -8,6 +8,7 @@ ones (MobileNetV2 paper, torchvision's ``SSDLiteHead``). Both predict softmax cl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -131,36 +132,14 @@ class SSDLiteHead(SSDHead):
 
     Args:
         bn_eps, bn_momentum: the BatchNorm options (torchvision: 0.001 and 0.03).
-        Others: see :class:`SSDHead`.
+        ssd_options: every option of :class:`SSDHead` (keyword-only, the same defaults).
     """
 
     def __init__(
-        self,
-        *,
-        in_channels: Sequence[int],
-        num_anchors: Sequence[int],
-        num_classes: int,
-        variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-        neg_pos_ratio: float = NEG_POS_RATIO,
-        n_neg_min: int = N_NEG_MIN,
-        alpha: float = 1.0,
-        mining: str = MINING,
-        beta: float = 1.0,
-        bn_eps: float = 0.001,
-        bn_momentum: float = 0.03,
+        self, *, bn_eps: float = 0.001, bn_momentum: float = 0.03, **ssd_options: Any
     ) -> None:
         self._bn = {"eps": float(bn_eps), "momentum": float(bn_momentum)}
-        super().__init__(
-            in_channels=in_channels,
-            num_anchors=num_anchors,
-            num_classes=num_classes,
-            variances=variances,
-            neg_pos_ratio=neg_pos_ratio,
-            n_neg_min=n_neg_min,
-            alpha=alpha,
-            mining=mining,
-            beta=beta,
-        )
+        super().__init__(**ssd_options)
 
     def _predictor(self, in_channels: int, out_channels: int) -> nn.Module:
         return nn.Sequential(

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssdlit.anchors.matchers import IGNORE
+from ssdlit.anchors.matching import IGNORE
 from ssdlit.boxes import convert
 from ssdlit.heads.base import DetectionHead, flatten_levels, prior_bias
-from ssdlit.heads.losses import gather_targets
+from ssdlit.heads.losses import positive_targets
 from ssdlit.registry import HEADS
 
 __all__ = ["YoloHead"]
@@ -197,7 +197,12 @@ class YoloHead(DetectionHead):
         ``anchors [A, 4]`` (both cxcywh normalised). A centre outside the cell (which
         the YOLOv3 matcher never assigns) is clamped to its edge.
         """
-        cells = self._cells(anchors, boxes_cxcywh)  # [A, 4]
+        return self._encode(boxes_cxcywh, anchors, self._cells(anchors, boxes_cxcywh))
+
+    @staticmethod
+    def _encode(boxes_cxcywh: Tensor, anchors: Tensor, cells: Tensor) -> Tensor:
+        """:meth:`encode_boxes` against given ``anchors`` and their ``cells`` (``[N, 4]``
+        each, broadcast against ``boxes_cxcywh [..., N, 4]``)."""
         sxy = ((boxes_cxcywh[..., :2] - cells[:, :2]) / cells[:, 2:] + 0.5).clamp(0.0, 1.0)
         twh = torch.log(boxes_cxcywh[..., 2:] / anchors[:, 2:])
         return torch.cat((sxy, twh), dim=-1)
@@ -214,30 +219,34 @@ class YoloHead(DetectionHead):
         logits = outputs["cls_logits"]
         dtype = torch.promote_types(logits.dtype, torch.float32)
         logits = logits.to(dtype)
-        t = outputs["box_deltas"].to(dtype)
-        anchors = anchors.to(device=t.device, dtype=dtype)
-        b = logits.shape[0]
+        anchors = anchors.to(device=logits.device, dtype=dtype)
+        b, a = matches.shape
         positive = matches >= 0  # [B, A]
         valid = matches != IGNORE
-        labels, matched = gather_targets(matches, gt_boxes, gt_labels)
-        pos = positive.to(dtype)
+        p = int(positive.sum())  # the host read of the step: the positives' count
+        pos, gt_xyxy, labels = positive_targets(matches, gt_boxes, gt_labels, p)
 
-        obj = F.binary_cross_entropy_with_logits(logits[..., 0], pos, reduction="none")
+        obj = F.binary_cross_entropy_with_logits(
+            logits[..., 0], positive.to(dtype), reduction="none"
+        )
         loss_obj = (obj * valid).sum() / b
 
-        onehot = F.one_hot(labels, self.num_classes + 1)[..., 1:].to(dtype)  # [B, A, C]
-        cls = F.binary_cross_entropy_with_logits(logits[..., 1:], onehot, reduction="none")
-        loss_cls = (cls.sum(-1) * pos).sum() / b
+        rows = logits.reshape(b * a, -1).index_select(0, pos)  # [P, 1 + C]
+        onehot = F.one_hot(labels, self.num_classes + 1)[:, 1:].to(dtype)  # [P, C]
+        cls = F.binary_cross_entropy_with_logits(rows[:, 1:], onehot, reduction="sum")
+        loss_cls = cls / b
 
-        gt = convert(matched.to(dtype), "xyxy", "cxcywh")  # [B, A, 4]
-        gt = torch.where(positive[..., None], gt, anchors.expand_as(gt))  # finite everywhere
-        target = self.encode_boxes(gt, anchors)  # [B, A, 4]
-        weight = pos * (2.0 - gt[..., 2] * gt[..., 3]) if self.box_scale else pos  # [B, A]
+        gt = convert(gt_xyxy.to(dtype), "xyxy", "cxcywh")  # [P, 4]
+        anchor = pos % a
+        cells = self._cells(anchors, gt).index_select(0, anchor)
+        target = self._encode(gt, anchors.index_select(0, anchor), cells)  # [P, 4]
+        weight = 2.0 - gt[:, 2] * gt[:, 3] if self.box_scale else gt.new_ones(p)  # [P]
+        t = outputs["box_deltas"].reshape(b * a, 4).index_select(0, pos).to(dtype)
         if self.xy_loss == "mse":
-            xy = F.mse_loss(t[..., :2].sigmoid(), target[..., :2], reduction="none")
+            xy = F.mse_loss(t[:, :2].sigmoid(), target[:, :2], reduction="none")
         else:
-            xy = F.binary_cross_entropy_with_logits(t[..., :2], target[..., :2], reduction="none")
-        wh = F.mse_loss(t[..., 2:], target[..., 2:], reduction="none")
+            xy = F.binary_cross_entropy_with_logits(t[:, :2], target[:, :2], reduction="none")
+        wh = F.mse_loss(t[:, 2:], target[:, 2:], reduction="none")
         loss_xy = (xy.sum(-1) * weight).sum() / b
         loss_wh = (wh.sum(-1) * weight).sum() / b
 

@@ -1,1 +1,2 @@
-"""Training support: config builders, callbacks, optimisers, checkpoint IO, pictures."""
+"""Training: the optimiser and schedule, callbacks, checkpoint IO, and the loggers,
+callbacks and Trainer of a run built from its config."""

@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
-from ssdlit.training.visualize import prediction_grid
+from ssdlit.visualize import prediction_grid
 
 __all__ = [
     "EMAWeights",
@@ -329,10 +329,6 @@ class PredictionImageLogger(Callback):
         )
         for writer in writers:
             writer.add_image("val/predictions", grid, global_step=trainer.global_step)
-
-
-def _finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))
 
 
 class EMAWeights(WeightAveraging):

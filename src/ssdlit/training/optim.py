@@ -4,7 +4,10 @@
   normalisation layers (BatchNorm, GroupNorm, LayerNorm, SSD's L2Norm: every parameter with
   at most one dimension) get none, as in the Caffe SSD's ``decay_mult: 0`` on biases and
   the usual practice for norms.
-- :func:`build_optimizer`: ``sgd`` (momentum 0.9, weight decay 5e-4: the paper) or ``adamw``.
+- :func:`build_optimizer`: ``sgd`` or ``adamw`` with the options the config gives (the
+  recipes, such as the SSD paper's SGD, are the files of ``conf/optim``; no value of
+  theirs is repeated here); :func:`configure_optimizer` builds the optimiser of a model
+  with its schedule.
 - :class:`WarmupSchedule`: linear warm-up, then ``multistep`` (the paper's decays at fixed
   iterations), ``cosine`` or ``constant``; a multiplier of the base learning rate per
   optimiser step, used through :class:`torch.optim.lr_scheduler.LambdaLR`. It is a small
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,10 +27,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = [
+    "OPTIMIZERS",
     "SCHEDULES",
     "WarmupSchedule",
     "build_optimizer",
     "build_scheduler",
+    "configure_optimizer",
     "parameter_groups",
 ]
 
@@ -45,7 +51,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def parameter_groups(
-    model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool = True
+    model: nn.Module, weight_decay: float = 0.0, no_decay_norm_and_bias: bool = True
 ) -> list[dict[str, Any]]:
     """Two optimiser groups: ``decay`` (weights) and ``no_decay`` (biases and norm parameters).
 
@@ -73,27 +79,44 @@ def parameter_groups(
     return [g for g in groups if g["params"]]
 
 
+#: The optimisers a config can name, and the options each takes from the config (besides
+#: ``lr``); an option the config leaves out keeps torch's default.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {
+    "sgd": (torch.optim.SGD, ("momentum", "dampening", "nesterov")),
+    "adamw": (torch.optim.AdamW, ("betas", "eps", "amsgrad")),
+}
+
+
 def build_optimizer(params: Iterable[Any], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """``torch.optim.SGD`` or ``AdamW`` from ``{name, lr, ...}`` (see conf/optim/*.yaml).
 
     ``params`` are parameter groups (:func:`parameter_groups`), which carry their own
-    ``weight_decay``.
+    ``weight_decay``. Of the config, the optimiser takes ``lr`` and its own options
+    (:data:`OPTIMIZERS`); the values of the recipes are in conf/optim, not here.
     """
-    name = str(cfg.get("name", "sgd")).lower()
-    lr = float(cfg["lr"])
-    if name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=float(cfg.get("momentum", 0.9)),
-            nesterov=bool(cfg.get("nesterov", False)),
-        )
-    if name == "adamw":
-        betas = cfg.get("betas", (0.9, 0.999))
-        return torch.optim.AdamW(
-            params, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(cfg.get("eps", 1e-8))
-        )
-    raise ValueError(f"unknown optimiser {name!r}; known: sgd, adamw")
+    name = str(cfg["name"]).lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimiser {name!r}; known: {', '.join(OPTIMIZERS)}")
+    cls, own = OPTIMIZERS[name]
+    options = {k: cfg[k] for k in own if cfg.get(k) is not None}
+    if "betas" in options:
+        options["betas"] = tuple(float(b) for b in options["betas"])
+    return cls(params, lr=float(cfg["lr"]), **options)
+
+
+def configure_optimizer(
+    model: nn.Module, cfg: Mapping[str, Any], total_steps: int | None = None
+) -> tuple[torch.optim.Optimizer, LambdaLR | None]:
+    """The optimiser of ``model`` and its per-step schedule from an optimiser config
+    (``conf/optim``): :func:`parameter_groups` with the config's ``weight_decay`` and
+    ``no_decay_norm_and_bias``, :func:`build_optimizer`, and :func:`build_scheduler` of
+    its ``scheduler`` (None: no schedule). ``total_steps``: the run's optimiser steps
+    (the ``cosine`` schedule needs them)."""
+    group_options = {
+        k: cfg[k] for k in ("weight_decay", "no_decay_norm_and_bias") if cfg.get(k) is not None
+    }
+    optimizer = build_optimizer(parameter_groups(model, **group_options), cfg)
+    return optimizer, build_scheduler(optimizer, cfg.get("scheduler"), total_steps)
 
 
 class WarmupSchedule:
@@ -159,28 +182,33 @@ class WarmupSchedule:
         return f"WarmupSchedule({self.__dict__})"
 
 
+#: The options of a scheduler config (``WarmupSchedule``'s keywords; ``total_steps`` comes
+#: from the run).
+_SCHEDULE_OPTIONS = tuple(
+    name
+    for name, p in inspect.signature(WarmupSchedule).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name != "total_steps"
+)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None, total_steps: int | None
 ) -> LambdaLR | None:
     """A per-step :class:`LambdaLR` of :class:`WarmupSchedule` (None when ``cfg`` is None).
 
     ``cfg``: ``{name: multistep|cosine|constant, warmup_steps, warmup_factor, milestones,
-    gamma, min_factor}``; ``total_steps`` is the run's number of optimiser steps (needed
-    by ``cosine``).
+    gamma, min_factor}`` (:class:`WarmupSchedule`'s keywords; one left out keeps its
+    default there); ``total_steps`` is the run's number of optimiser steps (needed by
+    ``cosine``).
     """
     if cfg is None:
         return None
     options = dict(cfg)
-    name = str(options.pop("name", "multistep"))
-    schedule = WarmupSchedule(
-        name,
-        warmup_steps=int(options.pop("warmup_steps", 0)),
-        warmup_factor=float(options.pop("warmup_factor", 0.001)),
-        milestones=list(options.pop("milestones", None) or ()),
-        gamma=float(options.pop("gamma", 0.1)),
-        total_steps=total_steps,
-        min_factor=float(options.pop("min_factor", 0.0)),
-    )
-    if options:
-        raise ValueError(f"unknown scheduler option(s) {sorted(options)}")
+    name = str(options.pop("name"))
+    if options.get("milestones") is None:
+        options.pop("milestones", None)
+    unknown = sorted(set(options) - set(_SCHEDULE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown scheduler option(s) {unknown}")
+    schedule = WarmupSchedule(name, total_steps=total_steps, **options)
     return LambdaLR(optimizer, schedule)

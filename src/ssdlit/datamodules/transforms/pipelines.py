@@ -41,6 +41,7 @@ import numpy as np
 from albumentations.core.composition import BaseCompose
 from albumentations.core.transforms_interface import BasicTransform
 
+from ssdlit.config import plain
 from ssdlit.datamodules.transforms.geometric import (
     SSD_MEAN_RGB,
     SSD_MIN_IOUS,
@@ -62,7 +63,6 @@ __all__ = [
     "find_letterbox",
     "light_pipeline",
     "make_compose",
-    "plain_config",
     "ssd_pipeline",
     "transform_from_spec",
     "val_pipeline",
@@ -112,15 +112,6 @@ def _interp(value: int | str) -> int:
     return int(value)
 
 
-def plain_config(obj: Any) -> Any:
-    """OmegaConf containers (from Hydra) to plain dicts/lists; anything else unchanged."""
-    try:
-        from omegaconf import OmegaConf
-    except ImportError:  # pragma: no cover - hydra brings omegaconf
-        return obj
-    return OmegaConf.to_container(obj, resolve=True) if OmegaConf.is_config(obj) else obj
-
-
 def transform_from_spec(spec: Spec | BasicTransform | BaseCompose) -> BasicTransform | BaseCompose:
     """Build one transform from ``{"name": ..., **kwargs}`` (or pass a built one through).
 
@@ -130,7 +121,7 @@ def transform_from_spec(spec: Spec | BasicTransform | BaseCompose) -> BasicTrans
     """
     if isinstance(spec, (BasicTransform, BaseCompose)):
         return spec
-    spec = dict(plain_config(spec))
+    spec = dict(plain(spec))
     name = spec.pop("name", None)
     if not isinstance(name, str) or not name or name.startswith("_"):
         raise ValueError(f"a transform spec needs a 'name' (albumentations class), got {name!r}")
@@ -148,7 +139,7 @@ def transform_from_spec(spec: Spec | BasicTransform | BaseCompose) -> BasicTrans
 
 
 def _specs(specs: Sequence[Spec] | None) -> list[BasicTransform | BaseCompose]:
-    return [transform_from_spec(s) for s in (plain_config(specs) or ())]
+    return [transform_from_spec(s) for s in (plain(specs) or ())]
 
 
 def make_compose(
@@ -224,7 +215,7 @@ def ssd_pipeline(
     if crop:
         ts.append(
             MinIoURandomCrop(
-                min_ious=tuple(plain_config(min_ious)),
+                min_ious=tuple(plain(min_ious)),
                 max_trials=max_trials,
                 scale=tuple(crop_scale),
                 aspect_ratio=tuple(crop_aspect_ratio),
@@ -322,7 +313,7 @@ def build_transforms(
         **options: the builder's keyword options (see :func:`ssd_pipeline`,
             :func:`light_pipeline`, :func:`val_pipeline`).
     """
-    return PIPELINES.build(name, image_size=image_size, seed=seed, **plain_config(options))
+    return PIPELINES.build(name, image_size=image_size, seed=seed, **plain(options))
 
 
 # -- running a pipeline on one record -----------------------------------------------------

@@ -1,4 +1,5 @@
-"""Everything validation and ``evaluate`` report: VOC mAP@0.5 two ways and COCO mAP.
+"""What validation, testing and ``python -m ssdlit.evaluate`` report: VOC mAP@0.5 two ways
+and COCO mAP, over a whole split.
 
 :class:`DetectionEvaluator` feeds the same per-image predictions and targets (pixels of
 the original image) to three metrics:
@@ -27,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssdlit.datamodules import to_original_pixels
-from ssdlit.metrics import COCOMeanAP, VOCMeanAP
+from ssdlit.datamodules.collate import to_original_pixels
+from ssdlit.metrics.coco import COCOMeanAP
+from ssdlit.metrics.voc import VOCMeanAP
 
 __all__ = ["DetectionEvaluator", "batch_to_metric_inputs", "format_ap_table"]
 

@@ -2,13 +2,16 @@
 
 Ground truth is drawn first in white (thin), predictions above it in one colour per class
 with ``"name score"`` labels. Everything here takes the network's view (uint8 ``[3, H, W]``
-images, boxes normalised to [0, 1]), which is what a validation batch holds.
+images, boxes normalised to [0, 1]), which is what a validation batch holds. Used by
+training (``predictions.png``, the TensorBoard image logger), ``predict`` and
+:mod:`ssdlit.inspection` (:data:`PALETTE`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-__all__ = ["PALETTE", "draw_detections", "prediction_grid", "save_image"]
+__all__ = ["PALETTE", "draw_detections", "prediction_grid", "predictions_picture", "save_image"]
 
 #: Distinct colours, cycled over the class labels.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -118,3 +121,42 @@ def save_image(image: Tensor, path: str | Path) -> Path:
     array = np.ascontiguousarray(image.detach().cpu().permute(1, 2, 0).numpy())
     Image.fromarray(array).save(path)
     return path
+
+
+@torch.no_grad()
+def predictions_picture(
+    model: Any,
+    loader: Iterable[dict[str, Any]],
+    path: str | Path,
+    class_names: Sequence[str],
+    max_images: int = 8,
+    score_threshold: float = 0.3,
+) -> Path | None:
+    """Draw the first batch of ``loader`` with ``model``'s detections (and the batch's
+    ground truth) into ``path`` (PNG); None when the loader is empty.
+
+    ``model`` maps uint8 images ``[B, 3, H, W]`` to detections (a
+    :class:`~ssdlit.Detector` or a :class:`~ssdlit.module.DetectionModule`); it runs in
+    eval mode on its own device and is put back in the mode it was in.
+    """
+    batch = next(iter(loader), None)
+    if batch is None:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        detections = model(batch["images"][:max_images].to(device))
+    finally:
+        model.train(was_training)
+    grid = prediction_grid(
+        batch["images"][:max_images],
+        detections,
+        class_names,
+        gt_boxes=batch["boxes"],
+        gt_labels=batch["labels"],
+        gt_mask=batch["mask"],
+        score_threshold=score_threshold,
+        max_images=max_images,
+    )
+    return save_image(grid, path)

@@ -1,25 +1,27 @@
-"""Benchmark: SSD training targets (anchor matching + box encoding) for one batch.
+"""Benchmark: what SSD training runs for its targets and loss, for one batch.
 
-What is measured, per batch of ``--batch`` images (default 32) against the 8732
-SSD300 anchors, each image holding 1 to 8 random (seeded) ground-truth boxes:
+Per batch of ``--batch`` images (default 32) against the 8732 SSD300 anchors, each
+image holding 1 to 8 random (seeded) ground-truth boxes, with random class logits
+``[B, 8732, 21]`` and box deltas ``[B, 8732, 4]``; timed: matching, targets and the
+MultiBox loss forward **and backward** (``torch.autograd.grad`` on the logits and
+deltas, so no gradient accumulates between repetitions):
 
-- **ssdlit**: ``SSDMatcher(matching="multi", pos_iou_threshold=0.5, neg_iou_limit=0.3)``
-  on the padded batch ``[B, G, 4]`` at once (``match_positives``: ``matches [B, A]`` and
-  the flat indices of its positives), then ``ssdlit.heads.positive_targets``:
-  ``BoxCoder((0.1, 0.1, 0.2, 0.2))`` encoding of the
-  positive anchors' regression targets ``[P, 4]`` (torchvision also encodes only its
-  foreground anchors) and class targets ``[B, 8732]``; no Python loop over images.
-- **torchvision**: the matching / target part of
-  ``torchvision.models.detection.ssd.SSD`` (``forward`` in training mode and
-  ``compute_loss``, the loss itself left out), image by image in a Python loop:
-  ``box_iou`` -> ``_utils.SSDMatcher(0.5)`` -> ``BoxCoder((10, 10, 5, 5)).encode_single``
-  on the foreground anchors, and the class targets stacked into ``[B, 8732]``.
-  Anchors are precomputed in xyxy outside the timed region, as torchvision keeps them.
+- **ssdlit**: exactly what ``Detector.loss`` runs in a training step:
+  ``SSDMatcher(matching="multi", pos_iou_threshold=0.5, neg_iou_limit=0.3)`` on the
+  padded batch ``[B, G, 4]`` with the anchors' tables (built once from the
+  ``AnchorGrid``, as a ``Detector`` does), then ``ssdlit.heads.multibox_loss``
+  (targets for the positives only, hard negatives mined per image 3:1 with at least
+  16, cross-entropy on the positives and mined negatives, smooth-L1 on the positives).
+- **torchvision**: ``torchvision.models.detection.ssd.SSD``'s path for the same work,
+  image by image as it runs it: ``box_iou`` -> ``_utils.SSDMatcher(0.5)`` (in
+  ``SSD.forward``), then ``SSD.compute_loss``: ``BoxCoder((10, 10, 5, 5)).encode_single``
+  on the foreground anchors, smooth-L1, cross-entropy over every anchor and its hard
+  negative mining (3:1, two sorts). Anchors are precomputed in xyxy outside the timed
+  region, as torchvision keeps them.
 
-Both sides get the same boxes in the same normalised units. The two algorithms
-differ (ssdlit: greedy bipartite then multi matching with an ignore band;
-torchvision: thresholding then forcing each gt's best anchor), so the positives
-are reported for a sanity check, not asserted equal.
+The two matching rules differ (ssdlit: greedy bipartite then multi matching with an
+ignore band; torchvision: thresholding then forcing each gt's best anchor), so the
+positives are printed for a sanity check, not asserted equal.
 
 Timing: threads pinned with ``torch.set_num_threads(--threads)``, a warm-up, then
 ``--repeats`` timed repetitions of each side (interleaved) with
@@ -29,8 +31,8 @@ object.
 
 Run::
 
-    python benchmarks/matching.py
-    python benchmarks/matching.py --threads 2 --repeats 100
+    python benchmarks/targets.py
+    python benchmarks/targets.py --threads 2 --repeats 50
 """
 
 from __future__ import annotations
@@ -44,14 +46,15 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou as tv_box_iou
 
 from ssdlit.anchors import SSDAnchorGenerator, SSDMatcher
-from ssdlit.anchors.matchers import AnchorOverlaps
+from ssdlit.anchors.matching import AnchorOverlaps
 from ssdlit.boxes import BoxCoder, convert
-from ssdlit.heads import positive_targets
+from ssdlit.heads import multibox_loss
 
 FEATURE_SIZES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 NUM_CLASSES = 20  # Pascal VOC: labels 1..20, 0 is background
@@ -94,64 +97,59 @@ def pad_batch(boxes: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor
 # -- the two sides ---------------------------------------------------------------------
 
 
-def ssdlit_targets(
+def ssdlit_step(
     matcher: SSDMatcher,
     coder: BoxCoder,
+    logits: Tensor,
+    deltas: Tensor,
     gt_boxes: Tensor,
     gt_mask: Tensor,
     gt_labels: Tensor,
-    anchors: Tensor,
     tables: AnchorOverlaps,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """ssdlit, whole batch: ``matches [B, A]``, ``loc [P, 4]`` for the P positive
-    anchors (like torchvision's foreground-only encoding) and ``cls [B, A]``
-    (:func:`ssdlit.heads.positive_targets`). ``tables``: the anchors' overlap tables,
-    built once with the anchors as a :class:`~ssdlit.Detector` builds them."""
-    matches, positives = matcher.match_positives(gt_boxes, gt_mask, tables)  # [B, A], [P]
-    _, _, loc, cls = positive_targets(matches, gt_boxes, gt_labels, anchors, coder, positives)
-    return matches, loc, cls
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """ssdlit, whole batch, as ``Detector.loss``: ``matches [B, A]``, the loss and the
+    gradients of ``logits`` and ``deltas``."""
+    matches = matcher(gt_boxes, gt_mask, tables)  # [B, A]
+    out = multibox_loss(logits, deltas, matches, gt_boxes, gt_labels, tables.anchors, coder)
+    return matches, out["loss"], torch.autograd.grad(out["loss"], (logits, deltas))
 
 
-def torchvision_targets(
+def torchvision_step(
     proposal_matcher: det_utils.SSDMatcher,
     box_coder: det_utils.BoxCoder,
+    logits: Tensor,
+    deltas: Tensor,
     boxes: list[Tensor],
     labels: list[Tensor],
     anchors: list[Tensor],
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
-    """torchvision's SSD path, image by image, as in ``SSD.forward`` / ``SSD.compute_loss``.
-
-    Returns matched idxs, foreground anchor indices and regression targets (per
-    image, foreground anchors only) and the class targets ``[B, A]``.
-    """
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """torchvision's SSD path, image by image, as in ``SSD.forward`` / ``SSD.compute_loss``:
+    matched idxs ``[B, A]``, the loss and the gradients of ``logits`` and ``deltas``."""
     # SSD.forward (training): one match per image
     matched_idxs: list[Tensor] = []
     for anchors_per_image, boxes_per_image in zip(anchors, boxes, strict=True):
-        if boxes_per_image.numel() == 0:
-            matched_idxs.append(
-                torch.full(
-                    (anchors_per_image.size(0),),
-                    -1,
-                    dtype=torch.int64,
-                    device=anchors_per_image.device,
-                )
-            )
-            continue
         match_quality_matrix = tv_box_iou(boxes_per_image, anchors_per_image)
         matched_idxs.append(proposal_matcher(match_quality_matrix))
 
-    # SSD.compute_loss: targets only (no head outputs, no loss)
-    foreground: list[Tensor] = []
-    regression: list[Tensor] = []
-    cls_targets: list[Tensor] = []
-    for boxes_per_image, labels_per_image, anchors_per_image, matched_idxs_per_image in zip(
-        boxes, labels, anchors, matched_idxs, strict=True
-    ):
+    # SSD.compute_loss
+    num_foreground = 0
+    bbox_loss = []
+    cls_targets = []
+    for (
+        boxes_per_image,
+        labels_per_image,
+        deltas_per_image,
+        anchors_per_image,
+        matched_idxs_per_image,
+    ) in zip(boxes, labels, deltas, anchors, matched_idxs, strict=True):
         foreground_idxs_per_image = torch.where(matched_idxs_per_image >= 0)[0]
         foreground_matched_idxs_per_image = matched_idxs_per_image[foreground_idxs_per_image]
+        num_foreground += foreground_matched_idxs_per_image.numel()
         matched_gt_boxes_per_image = boxes_per_image[foreground_matched_idxs_per_image]
-        fg_anchors_per_image = anchors_per_image[foreground_idxs_per_image, :]
-        regression.append(box_coder.encode_single(matched_gt_boxes_per_image, fg_anchors_per_image))
+        fg_deltas = deltas_per_image[foreground_idxs_per_image, :]
+        fg_anchors = anchors_per_image[foreground_idxs_per_image, :]
+        target_regression = box_coder.encode_single(matched_gt_boxes_per_image, fg_anchors)
+        bbox_loss.append(F.smooth_l1_loss(fg_deltas, target_regression, reduction="sum"))
         gt_classes_target = torch.zeros(
             (anchors_per_image.size(0),),
             dtype=labels_per_image.dtype,
@@ -161,8 +159,21 @@ def torchvision_targets(
             foreground_matched_idxs_per_image
         ]
         cls_targets.append(gt_classes_target)
-        foreground.append(foreground_idxs_per_image)
-    return matched_idxs, foreground, regression, torch.stack(cls_targets)
+    bbox = torch.stack(bbox_loss)
+    targets = torch.stack(cls_targets)
+    num_classes = logits.size(-1)
+    cls_loss = F.cross_entropy(
+        logits.view(-1, num_classes), targets.view(-1), reduction="none"
+    ).view(targets.size())
+    foreground_idxs = targets > 0
+    num_negative = 3 * foreground_idxs.sum(1, keepdim=True)
+    negative_loss = cls_loss.clone()
+    negative_loss[foreground_idxs] = -float("inf")
+    _, idx = negative_loss.sort(1, descending=True)
+    background_idxs = idx.sort(1)[1] < num_negative
+    n = max(1, num_foreground)
+    loss = bbox.sum() / n + (cls_loss[foreground_idxs].sum() + cls_loss[background_idxs].sum()) / n
+    return torch.stack(matched_idxs), loss, torch.autograd.grad(loss, (logits, deltas))
 
 
 # -- timing ----------------------------------------------------------------------------
@@ -200,7 +211,7 @@ def machine_name() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1)")
-    parser.add_argument("--repeats", type=int, default=200, help="timed repetitions (200)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed repetitions (30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed repetitions first (5)")
     parser.add_argument("--batch", type=int, default=32, help="images per batch (32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random boxes (0)")
@@ -218,9 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    anchors = SSDAnchorGenerator.ssd300()(FEATURE_SIZES, device=device)  # [A, 4] cxcywh
+    grid = SSDAnchorGenerator.ssd300().grid(FEATURE_SIZES)
+    tables = AnchorOverlaps(grid.flat(device=device), grid.shapes)  # once, as a Detector does
+    anchors = tables.anchors  # [A, 4] cxcywh
     num_anchors = int(anchors.shape[0])
-    tables = AnchorOverlaps(anchors)  # built once with the anchors (as a Detector does)
     boxes_cpu, labels_cpu = make_batch(args.batch, args.seed)
     gt_boxes, gt_mask, gt_labels = (t.to(device) for t in pad_batch(boxes_cpu, labels_cpu))
     boxes = [b.to(device) for b in boxes_cpu]
@@ -228,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     # torchvision keeps xyxy anchors, one tensor per image (the same boxes for all)
     anchors_xyxy = convert(anchors, "cxcywh", "xyxy").contiguous()
     anchors_per_image = [anchors_xyxy] * args.batch
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    logits = torch.randn(args.batch, num_anchors, NUM_CLASSES + 1, generator=gen).to(device)
+    deltas = torch.randn(args.batch, num_anchors, 4, generator=gen).to(device)
+    logits.requires_grad_(True)
+    deltas.requires_grad_(True)
 
     matcher = SSDMatcher(matching="multi", pos_iou_threshold=0.5, neg_iou_limit=0.3)
     coder = BoxCoder((0.1, 0.1, 0.2, 0.2))
@@ -235,36 +252,23 @@ def main(argv: list[str] | None = None) -> None:
     box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
     def ours() -> object:
-        return ssdlit_targets(matcher, coder, gt_boxes, gt_mask, gt_labels, anchors, tables)
+        return ssdlit_step(matcher, coder, logits, deltas, gt_boxes, gt_mask, gt_labels, tables)
 
     def peer() -> object:
-        return torchvision_targets(proposal_matcher, box_coder, boxes, labels, anchors_per_image)
+        return torchvision_step(
+            proposal_matcher, box_coder, logits, deltas, boxes, labels, anchors_per_image
+        )
 
     # -- sanity (printed, never asserted: the two matching rules differ) --
-    matches, loc_pos, cls = ssdlit_targets(
-        matcher, coder, gt_boxes, gt_mask, gt_labels, anchors, tables
-    )
-    loc = torch.zeros(args.batch, num_anchors, 4, device=device)
-    loc[matches >= 0] = loc_pos  # nonzero() order is row-major, as in ssdlit_targets
-    tv_matched, tv_fg, tv_loc, tv_cls = torchvision_targets(
-        proposal_matcher, box_coder, boxes, labels, anchors_per_image
-    )
-    tv_matches = torch.stack(tv_matched)  # [B, A]
+    matches, our_loss, _ = ours()
+    tv_matches, tv_loss, _ = peer()
     ours_pos = int((matches >= 0).sum())
     peer_pos = int((tv_matches >= 0).sum())
-    both = (matches >= 0) & (matches == tv_matches)
-    loc_diff = 0.0
-    for i in range(args.batch):
-        tv_full = torch.zeros(num_anchors, 4, device=device)
-        tv_full[tv_fg[i]] = tv_loc[i]  # torchvision's foreground targets, spread to all anchors
-        shared = both[i]
-        if shared.any():
-            loc_diff = max(loc_diff, float((loc[i][shared] - tv_full[shared]).abs().max()))
-    cls_agree = float((cls[both] == tv_cls[both]).float().mean()) if both.any() else float("nan")
+    both = int(((matches >= 0) & (matches == tv_matches)).sum())
     n_boxes = int(gt_mask.sum())
 
     print(
-        f"SSD matching + encoding: batch {args.batch}, {num_anchors} anchors, "
+        f"SSD targets + MultiBox loss forward and backward: batch {args.batch}, {num_anchors} anchors, "
         f"{n_boxes} gt boxes (1-{MAX_BOXES} per image, seed {args.seed}), padded G = "
         f"{gt_boxes.shape[1]}"
     )
@@ -274,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"sanity: positive anchors ssdlit {ours_pos} (ignored {int((matches == -2).sum())}), "
-        f"torchvision {peer_pos}; same anchor and gt in both: {int(both.sum())}; "
-        f"on those, max |loc diff| {loc_diff:.2e}, class targets equal {cls_agree:.0%}"
+        f"torchvision {peer_pos}; same anchor and gt in both: {both}; loss ssdlit "
+        f"{float(our_loss):.4f}, torchvision {float(tv_loss):.4f}"
     )
 
     times = time_sides({"ssdlit": ours, "torchvision": peer}, device, args.warmup, args.repeats)
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         json.dumps(
             {
-                "benchmark": "matching",
+                "benchmark": "targets",
                 "ours_s": ours_s,
                 "peer": "torchvision",
                 "peer_s": peer_s,

@@ -1,0 +1,182 @@
+"""``python -m ssdlit.train [overrides]``: fit a detector, then evaluate its best checkpoint.
+
+With no arguments this is the demo: the synthetic VOC-format dataset is written under
+``data/synthetic`` on first use, a small SSD trains on the CPU, and the run folder
+(``outputs/train/<date>_<time>/``) receives::
+
+    config.yaml              the resolved config
+    checkpoints/best.ckpt    best by validation VOC07 mAP@0.5 (callbacks.checkpoint.monitor)
+    checkpoints/last.ckpt    the end of the last epoch (resume with ckpt_path=...)
+    tensorboard/             losses, learning rate, mAPs, per-class AP, prediction images
+    metrics.json             the best checkpoint's metrics on val (and test), per class
+    predictions.png          validation images with predicted (colour) and true (white) boxes
+
+``init_from=PATH`` starts from an ssdlit checkpoint whose classes may differ (transfer
+learning, :mod:`ssdlit.transfer`): the rows of the classes named alike are kept, new
+classes start fresh, the rest of the network loads; the log says what was kept.
+
+Examples::
+
+    python -m ssdlit.train +experiment=ssd300_voc data.root=/data/VOCdevkit
+    python -m ssdlit.train backbone=mobilenet_v3_large anchors=ssdlite320 head=ssdlite image_size=[320,320]
+    python -m ssdlit.train -m optim.lr=1e-3,3e-3          # a sweep (Hydra's basic sweeper)
+    python -m ssdlit.train data=raccoon init_from=outputs/train/2024-01-01_12-00-00/checkpoints/best.ckpt
+    python -m ssdlit.train --config-dir my_conf +experiment=mine   # your own configs
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ssdlit.apps.common import (
+    UsageError,
+    checkpoint_path,
+    hydra_app,
+    run_dir,
+    save_config,
+    set_threads,
+    write_json,
+)
+from ssdlit.datamodules import build_datamodule
+from ssdlit.metrics import format_ap_table
+from ssdlit.module import DetectionModule
+from ssdlit.training.builders import build_callbacks, build_loggers, build_trainer
+from ssdlit.training.callbacks import NonFiniteLossError
+from ssdlit.transfer import init_from_checkpoint
+from ssdlit.visualize import predictions_picture
+
+__all__ = ["init_from", "main", "objective", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def init_from(module: DetectionModule, path: str | Path) -> str:
+    """Start ``module`` from the ssdlit checkpoint ``path`` (``weights_only=True``), whose
+    classes may differ (:func:`ssdlit.transfer.init_from_checkpoint`: the rows of classes
+    with the same name are kept, new classes start as initialised, everything else loads);
+    returns the one-line report. A missing or incompatible checkpoint is a
+    :class:`~ssdlit.apps.common.UsageError`."""
+    ckpt = checkpoint_path(path)
+    try:
+        return init_from_checkpoint(module, ckpt)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"init_from={ckpt}: {exc}") from exc
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, evaluate the best checkpoint, write the run folder; returns the results dict."""
+    out_dir = run_dir(cfg)
+    save_config(cfg, out_dir / "config.yaml")
+    set_threads(cfg.get("threads"))
+    pl.seed_everything(int(cfg.seed), workers=True)
+
+    datamodule = build_datamodule(cfg.data, cfg.get("augment"), cfg.image_size)
+    module = DetectionModule.from_config(cfg, datamodule.class_names)
+    if cfg.get("init_from"):
+        log.info(init_from(module, cfg.init_from))
+    loggers = build_loggers(cfg.get("logger"), out_dir)
+    callbacks, best_cb = build_callbacks(cfg.get("callbacks"), out_dir, with_logger=bool(loggers))
+    trainer = build_trainer(cfg.trainer, out_dir, callbacks, loggers)
+    log.info(
+        "classes (%d): %s; anchors: %d; run folder: %s",
+        len(module.class_names),
+        ", ".join(module.class_names),
+        module.detector.anchors.shape[0],
+        out_dir,
+    )
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    fit_seconds = time.perf_counter() - start
+
+    best_path = best_cb.best_model_path if best_cb is not None else ""
+    ckpt = best_path or None  # None: the weights in memory (no best checkpoint written)
+    results: dict[str, Any] = {
+        "best_checkpoint": best_path or None,
+        "last_checkpoint": str(out_dir / "checkpoints" / "last.ckpt")
+        if (out_dir / "checkpoints" / "last.ckpt").is_file()
+        else None,
+        "monitor": best_cb.monitor if best_cb is not None else None,
+        "best_score": float(best_cb.best_model_score)
+        if best_cb is not None and best_cb.best_model_score is not None
+        else None,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "fit_seconds": round(fit_seconds, 2),
+        "class_names": module.class_names,
+    }
+    evaluate_cfg = cfg.get("evaluate") or {}
+    if trainer.interrupted:
+        log.warning("training was interrupted: skipping the final evaluation")
+    else:
+        if evaluate_cfg.get("val", True) and datamodule.val_dataloader():
+            trainer.validate(
+                module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+            )
+            results["val"] = module.last_eval.get("val")
+        if evaluate_cfg.get("test", True) and datamodule.test_dataloader():
+            trainer.test(
+                module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+            )
+            results["test"] = module.last_eval.get("test")
+    for split in ("val", "test"):
+        if results.get(split):
+            table = format_ap_table(results[split]["per_class"], results[split]["summary"])
+            log.info("%s (best checkpoint):\n%s", split, table)
+            for lg in loggers:  # the table as text in TensorBoard too
+                if isinstance(lg, TensorBoardLogger) and trainer.is_global_zero:
+                    text = "    " + table.replace("\n", "\n    ")  # markdown code block
+                    lg.experiment.add_text(f"{split}/ap_per_class", text, trainer.global_step)
+    if trainer.is_global_zero:
+        loader = datamodule.val_dataloader() or datamodule.test_dataloader()
+        picture = cfg.get("picture") or {}
+        if loader and picture.get("enabled", True):
+            png = predictions_picture(
+                module,
+                loader,
+                out_dir / "predictions.png",
+                module.class_names,
+                max_images=int(picture.get("max_images", 8)),
+                score_threshold=float(picture.get("score_threshold", 0.3)),
+            )
+            results["predictions_png"] = str(png) if png else None
+        write_json(results, out_dir / "metrics.json")
+        log.info("metrics: %s", out_dir / "metrics.json")
+    return results
+
+
+def objective(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+    """The number a sweeper optimises: ``optimized_metric`` (``split/key``) of the results."""
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    split, _, name = str(key).partition("/")
+    value = (results.get(split) or {}).get("summary", {}).get(name)
+    return float(value) if value is not None else None
+
+
+@hydra_app("ssdlit.train", "train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point (see the module docstring).
+
+    A user error (bad data, a config key that does not exist, ...) ends the process with
+    one line and exit status 2 (:mod:`ssdlit.apps.common`). A non-finite loss ends it with exit
+    status 1 and the callback's message (step, loss terms, the last good checkpoint) on
+    stderr, without a traceback.
+    """
+    try:
+        return objective(cfg, train(cfg))
+    except NonFiniteLossError as err:
+        raise SystemExit(f"ssdlit.train: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
