@@ -97,6 +97,7 @@ def test_ssdlit_model_is_the_ssd300_voc_experiments(gpu):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # the whole script's main, one iteration of every measurement
 def test_debug_run_on_the_cpu(gpu, capsys):
     """``--device cpu --quick``: one iteration of every measurement at batch 1 (~25 s)."""
     assert gpu.main(["--device", "cpu", "--quick", "--batch", "1"]) == 0
