@@ -47,7 +47,10 @@ def _nonzero(mask: Tensor, size: int) -> Tensor:
     """The indices ``[size]`` of the True entries of the 1-d ``mask``, knowing their
     number (no second host read on accelerators where ``nonzero_static`` exists)."""
     if hasattr(torch, "nonzero_static"):
-        return torch.nonzero_static(mask, size=size).squeeze(1)
+        try:
+            return torch.nonzero_static(mask, size=size).squeeze(1)
+        except NotImplementedError:  # not on this device in older releases
+            pass
     return mask.nonzero().squeeze(1)
 
 
