@@ -350,3 +350,18 @@ def test_the_sparse_paths_greedy_equals_the_references(g):
     got = torch.full((4, 60), BACKGROUND)
     got[image, anchor] = gt
     assert torch.equal(got, greedy_bipartite(iou))
+
+
+def test_yolo_priors_are_found_once_per_anchor_set():
+    """The distinct anchor sizes come from one ``torch.unique`` kept with the tables (a
+    host synchronisation per step on a GPU otherwise), and give the same matches."""
+    tables = ssd300_tables()
+    boxes, mask = _hard_batch(np.random.default_rng(5), 3, 5, snapped=False)
+    matcher = YOLOv3Matcher()
+    first = matcher(boxes, mask, tables)
+    kept = tables.priors()
+    assert tables.priors() is kept
+    assert torch.equal(matcher(boxes, mask, tables), first)
+    assert torch.equal(matcher(boxes, mask, tables.anchors), first)  # plain anchors: the same
+    shapes, prior_of = kept
+    assert torch.equal(shapes[prior_of], tables.anchors[:, 2:])

@@ -67,6 +67,7 @@ class AnchorOverlaps:
         # With positive anchor areas the union is never 0 (it is at least the anchor's).
         self._may_divide_by_zero = bool((self.area <= 0).any())
         self._work: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._priors: tuple[Tensor, Tensor] | None = None
         self.parts: list[tuple[int, int, int, int, Tensor, Tensor]] = []
         for start, fh, fw, n in self.levels or []:
             block = xyxy[start : start + fh * fw * n].view(fh, fw, n, 4)
@@ -74,6 +75,14 @@ class AnchorOverlaps:
             y_int = block[:, 0, :, 1::2].contiguous()  # [fh, n, 2] (y1, y2)
             self.parts.append((start, fh, fw, n, x_int, y_int))
         self._tables = self._interval_tables() if self.parts else None
+
+    def priors(self) -> tuple[Tensor, Tensor]:
+        """The distinct anchor sizes ``[U, 2]`` (w, h) and each anchor's index among them
+        ``[A]`` (``torch.unique`` once, then kept: its size depends on the data, which
+        would cost a host synchronisation per call on a GPU)."""
+        if self._priors is None:
+            self._priors = torch.unique(self.anchors[:, 2:], dim=0, return_inverse=True)
+        return self._priors
 
     @property
     def shapes(self) -> list[tuple[int, int, int]] | None:

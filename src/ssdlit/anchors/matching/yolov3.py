@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ssdlit.anchors.matching.base import BACKGROUND, IGNORE, Matcher
-from ssdlit.anchors.matching.overlaps import AnchorOverlaps, masked_iou
+from ssdlit.anchors.matching.overlaps import AnchorOverlaps, masked_iou, overlaps_for
 from ssdlit.boxes import convert
 from ssdlit.registry import MATCHERS
 
@@ -37,8 +37,9 @@ class YOLOv3Matcher(Matcher):
         overlaps: AnchorOverlaps | None = None,
     ) -> Tensor:
         b, g, _ = gt_boxes.shape
-        anchors = anchors.to(gt_boxes.dtype)
-        shapes, prior_of = torch.unique(anchors[:, 2:], dim=0, return_inverse=True)  # [U, 2], [A]
+        tables = overlaps_for(anchors if overlaps is None else overlaps, gt_boxes)
+        anchors = tables.anchors
+        shapes, prior_of = tables.priors()  # [U, 2], [A]
         gt = convert(gt_boxes, "xyxy", "cxcywh")  # [B, G, 4]
         inter = torch.minimum(gt[..., None, 2], shapes[:, 0]) * torch.minimum(
             gt[..., None, 3], shapes[:, 1]
@@ -59,6 +60,6 @@ class YOLOv3Matcher(Matcher):
         src = torch.where(gt_mask, gt_ids, BACKGROUND)
         matches = torch.full((b, anchors.shape[0]), BACKGROUND, dtype=torch.long, device=gt.device)
         matches.scatter_reduce_(1, chosen, src, reduce="amax")
-        iou = masked_iou(gt_boxes, gt_mask, anchors if overlaps is None else overlaps)  # [B, G, A]
+        iou = masked_iou(gt_boxes, gt_mask, tables)  # [B, G, A]
         ignore = (matches == BACKGROUND) & (iou.max(dim=1).values > self.ignore_threshold)
         return matches.masked_fill(ignore, IGNORE)
