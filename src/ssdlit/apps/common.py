@@ -98,14 +98,24 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: What a run folder given as ``ckpt=`` stands for, in order of preference.
+RUN_CHECKPOINTS = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
+
+
 def checkpoint_path(path: str | Path) -> Path:
-    """``path`` as a :class:`~pathlib.Path` when it is a file; else :class:`UsageError`."""
+    """``path`` as a :class:`~pathlib.Path` when it is a file; a training run's folder
+    stands for its best checkpoint (else its last, see :data:`RUN_CHECKPOINTS`); anything
+    else is a :class:`UsageError`."""
     ckpt = Path(str(path)).expanduser()
     if not ckpt.exists():
         where = "" if ckpt.is_absolute() else f" (relative to the working directory {Path.cwd()})"
         raise UsageError(f"checkpoint not found: {ckpt}{where}")
     if ckpt.is_dir():
-        raise UsageError(f"checkpoint {ckpt} is a folder; give the .ckpt file")
+        for name in RUN_CHECKPOINTS:
+            if (ckpt / name).is_file():
+                return ckpt / name
+        wanted = " or ".join(RUN_CHECKPOINTS)
+        raise UsageError(f"checkpoint {ckpt} is a folder without {wanted}; give the .ckpt file")
     return ckpt
 
 
