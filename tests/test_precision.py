@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning import Trainer
 from torch.utils.data import DataLoader
 
+from tests.spies import record_matches
 from tests.test_module import tiny_batch, tiny_module
 
 
@@ -31,14 +32,7 @@ def test_matches_and_loss_under_bf16_autocast_equal_float32():
     fp32_matches = det.matcher(batch["boxes"], batch["mask"], det.anchor_overlaps())
     outputs = det.raw(batch["images"])
     fp32 = det.loss(outputs, *args)
-    seen = {}
-    original = det.head.loss
-
-    def spy(outputs, matches, *rest):
-        seen["matches"] = matches
-        return original(outputs, matches, *rest)
-
-    det.head.loss = spy
+    seen = record_matches(det)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16_outputs = det.raw(batch["images"])
         bf16 = det.loss(bf16_outputs, *args)

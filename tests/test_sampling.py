@@ -7,6 +7,7 @@ import torch
 
 from ssdlit.anchors.matching import BACKGROUND, IGNORE, MatchSampler
 from ssdlit.detector import Detector
+from tests.spies import record_matches
 
 
 def _matches(b: int = 3, a: int = 500, seed: int = 0) -> torch.Tensor:
@@ -67,14 +68,7 @@ def test_the_detector_samples_after_its_matcher():
     assert isinstance(det.sampler, MatchSampler) and det.sampler.size == 32
     boxes = torch.tensor([[[0.1, 0.1, 0.6, 0.6], [0.5, 0.4, 0.9, 0.9]]]).repeat(2, 1, 1)
     labels, mask = torch.tensor([[1, 2], [2, 1]]), torch.ones(2, 2, dtype=torch.bool)
-    seen = {}
-    original = det.head.loss
-
-    def spy(outputs, matches, *rest):
-        seen["matches"] = matches
-        return original(outputs, matches, *rest)
-
-    det.head.loss = spy
+    seen = record_matches(det)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     out = det.loss(det.raw(images), boxes, labels, mask)
     assert torch.isfinite(out["loss"])
