@@ -28,13 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from ssdlit.anchors.matching import AnchorOverlaps, Matcher, MatchSampler
+from ssdlit.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from ssdlit.boxes import convert
 from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS, ConfigError
 
 __all__ = ["Detector", "build_component"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_component(registry, spec: Mapping[str, Any] | None, **derived: Any) -> Any:
@@ -98,12 +96,9 @@ class Detector(nn.Module):
         self.clip_boxes = clip_boxes
         mean = getattr(backbone, "mean", IMAGENET_MEAN)
         std = getattr(backbone, "std", IMAGENET_STD)
-        self.register_buffer(
-            "pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False
-        )
-        self.register_buffer(
-            "pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False
-        )
+        # in 0..1 units: the input is divided by 255 first, as torchvision's detectors do
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.feature_sizes = self._probe_feature_sizes()
         grid = getattr(anchor_generator, "grid", None)
         self.anchor_grid = grid(self.feature_sizes) if grid is not None else None
@@ -203,7 +198,8 @@ class Detector(nn.Module):
         return found
 
     def _anchors_are_the_grids(self) -> bool:
-        if self.anchor_grid is None or self.anchor_grid.clip:  # clipped: the dense path
+        # corners clipped: centres no longer evenly spaced, the dense path
+        if self.anchor_grid is None or self.anchor_grid.clip not in (False, "size"):
             return False
         if self.anchors.shape[0] != self.anchor_grid.num_anchors:
             return False
@@ -218,13 +214,15 @@ class Detector(nn.Module):
         return out
 
     def normalize(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` uint8 or float in 0..255 -> the backbone's normalised float input."""
+        """``[B, 3, H, W]`` uint8 or float in 0..255 -> the backbone's normalised float input,
+        ``(images / 255 - mean) / std`` (in the order torchvision computes it, so that
+        converted torchvision models see bit-identical inputs)."""
         if images.shape[-2:] != self.image_size:
             raise ValueError(
                 f"images are {tuple(images.shape[-2:])} but the detector was built for "
                 f"{self.image_size}; resize them (the data pipeline does)"
             )
-        x = images.to(self.pixel_mean.dtype)
+        x = images.to(self.pixel_mean.dtype) / 255.0
         return (x - self.pixel_mean) / self.pixel_std
 
     def raw(self, images: Tensor) -> dict[str, Tensor]:

@@ -59,7 +59,9 @@ class AnchorGenerator(ABC):
             ``(y, x)`` pair per level; ``None`` means 0.5 (the cell centre).
         clip: ``False`` keeps boxes as they are; ``True`` or ``"ssd_keras"`` clips
             corners as ssd_keras does (in pixels: below 0 -> 0, at or past the border
-            -> size - 1); ``"unit"`` clamps corners to [0, 1] after normalising.
+            -> size - 1); ``"unit"`` clamps corners to [0, 1] after normalising;
+            ``"size"`` clamps widths and heights to the input and keeps the centres
+            (torchvision's ``DefaultBoxGenerator(clip=True)``).
     """
 
     def __init__(

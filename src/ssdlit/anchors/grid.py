@@ -21,7 +21,7 @@ from ssdlit.boxes import convert
 
 __all__ = ["CLIP_MODES", "AnchorGrid", "GridLevel", "grid_boxes"]
 
-CLIP_MODES = (False, True, "ssd_keras", "unit")
+CLIP_MODES = (False, True, "ssd_keras", "unit", "size")
 
 
 def grid_boxes(cx: Tensor, cy: Tensor, wh: Tensor) -> Tensor:
@@ -71,7 +71,9 @@ class AnchorGrid:
         scale: ``(W, H)`` the levels' units per input (pixels: the input size; 1 when
             the levels are already normalised).
         clip: ``False``; ``True``/``"ssd_keras"`` (in pixels: below 0 -> 0, at or past
-            the border -> size - 1); ``"unit"`` (clamp to [0, 1] after normalising).
+            the border -> size - 1); ``"unit"`` (clamp to [0, 1] after normalising);
+            ``"size"`` (widths and heights clamped to the input, centres kept:
+            torchvision's ``DefaultBoxGenerator(clip=True)``; the grid stays a grid).
     """
 
     levels: tuple[GridLevel, ...]
@@ -102,9 +104,12 @@ class AnchorGrid:
 
     def _level(self, level: GridLevel) -> Tensor:
         w, h = self.scale
-        boxes = grid_boxes(level.cx, level.cy, level.wh)  # [fh * fw * n, 4]
+        wh = level.wh
+        if self.clip == "size":
+            wh = torch.stack((wh[:, 0].clamp(0.0, w), wh[:, 1].clamp(0.0, h)), dim=1)
+        boxes = grid_boxes(level.cx, level.cy, wh)  # [fh * fw * n, 4]
         scale = torch.tensor([w, h, w, h], dtype=torch.float64)
-        if not self.clip:
+        if self.clip in (False, "size"):
             # Straight in cxcywh: every anchor of one prior keeps exactly the same w, h.
             return boxes / scale
         boxes = convert(boxes, "cxcywh", "xyxy")

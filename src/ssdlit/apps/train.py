@@ -14,6 +14,10 @@ With no arguments this is the demo: the synthetic VOC-format dataset is written 
 ``init_from=PATH`` starts from an ssdlit checkpoint whose classes may differ (transfer
 learning, :mod:`ssdlit.transfer`): the rows of the classes named alike are kept, new
 classes start fresh, the rest of the network loads; the log says what was kept.
+``init_from=torchvision:ssdlite320_coco`` (or ``torchvision:ssd300_vgg16_coco``, or a
+torchvision ``.pth`` file) does the same from torchvision's COCO detectors
+(:mod:`ssdlit.zoo`), with the experiment that builds their network
+(``+experiment=finetune_ssdlite`` / ``finetune_ssd300``).
 
 Examples::
 
@@ -21,6 +25,7 @@ Examples::
     python -m ssdlit.train backbone=mobilenet_v3_large anchors=ssdlite320 head=ssdlite image_size=[320,320]
     python -m ssdlit.train -m optim.lr=1e-3,3e-3          # a sweep (Hydra's basic sweeper)
     python -m ssdlit.train data=raccoon init_from=outputs/train/2024-01-01_12-00-00/checkpoints/best.ckpt
+    python -m ssdlit.train +experiment=finetune_ssdlite data=raccoon init_from=torchvision:ssdlite320_coco
     python -m ssdlit.train --config-dir my_conf +experiment=mine   # your own configs
 """
 
@@ -51,6 +56,7 @@ from ssdlit.module import DetectionModule
 from ssdlit.training.builders import build_callbacks, build_loggers, build_trainer
 from ssdlit.training.callbacks import NonFiniteLossError
 from ssdlit.transfer import init_from_checkpoint
+from ssdlit.zoo.loading import init_from_torchvision, is_torchvision_weights
 from ssdlit.visualize import predictions_picture
 
 __all__ = ["init_from", "main", "objective", "train"]
@@ -64,6 +70,11 @@ def init_from(module: DetectionModule, path: str | Path) -> str:
     with the same name are kept, new classes start as initialised, everything else loads);
     returns the one-line report. A missing or incompatible checkpoint is a
     :class:`~ssdlit.apps.common.UsageError`."""
+    if is_torchvision_weights(path):
+        try:
+            return init_from_torchvision(module, path)
+        except (FileNotFoundError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise UsageError(f"init_from={path}: {exc}") from exc
     ckpt = checkpoint_path(path)
     try:
         return init_from_checkpoint(module, ckpt)

@@ -16,7 +16,13 @@ Every backbone is built with keyword arguments only; ``pretrained=True`` loads
 torchvision's ImageNet weights (the only time anything reaches the network).
 """
 
-from ssdlit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, ExtraLayer
+from ssdlit.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZATIONS,
+    Backbone,
+    ExtraLayer,
+)
 from ssdlit.backbones.mobilenet import MobileNetV3SSDLite
 from ssdlit.backbones.pretrained import PretrainedWeightsError, load_state_dict
 from ssdlit.backbones.resnet import ResNet50SSD
@@ -26,6 +32,7 @@ from ssdlit.backbones.vgg import VGG16SSD, L2Norm, vgg16_ssd300, vgg16_ssd512
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "NORMALIZATIONS",
     "SSD7",
     "VGG16SSD",
     "Backbone",

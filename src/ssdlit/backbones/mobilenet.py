@@ -63,6 +63,9 @@ class MobileNetV3SSDLite(Backbone):
         reduced_tail: halve the channels of the last trunk stage (MobileNetV3 paper,
             Table 6; torchvision does this when training from scratch): 480 instead of 960.
         min_depth: smallest channel count of an extra block under ``width_mult``.
+        normalization: the input normalisation (a name of
+            :data:`~ssdlit.backbones.base.NORMALIZATIONS`): ``"imagenet"`` for the ImageNet
+            trunk, ``"unit"`` ([-1, 1]) as torchvision's SSDLite320 and its COCO weights.
     """
 
     def __init__(
@@ -73,8 +76,10 @@ class MobileNetV3SSDLite(Backbone):
         width_mult: float = 1.0,
         reduced_tail: bool = False,
         min_depth: int = 16,
+        normalization: str = "imagenet",
     ) -> None:
         super().__init__()
+        self.set_normalization(normalization)
         if pretrained and (width_mult != 1.0 or reduced_tail):
             raise ValueError(
                 "pretrained MobileNetV3-Large weights need width_mult=1.0 and reduced_tail=False"

@@ -148,6 +148,10 @@ class VGG16SSD(Backbone):
             conv5_3 and the subsampled classifier into fc6/fc7 (downloads when not cached).
         progress: show a progress bar while downloading.
         l2norm_scale: initial value of the conv4_3 L2Norm weights.
+        normalization: the input normalisation the weights expect (a name of
+            :data:`~ssdlit.backbones.base.NORMALIZATIONS`): ``"imagenet"`` for torchvision's
+            ImageNet VGG-16, ``"caffe"`` for torchvision's SSD300 COCO weights,
+            ``"ssd_keras"`` for ssd_keras's.
     """
 
     def __init__(
@@ -157,8 +161,10 @@ class VGG16SSD(Backbone):
         pretrained: bool = False,
         progress: bool = True,
         l2norm_scale: float = 20.0,
+        normalization: str = "imagenet",
     ) -> None:
         super().__init__()
+        self.set_normalization(normalization)
         layers: list[tuple[str, nn.Module]] = []
         in_channels = 3
         for i, widths in enumerate(VGG16_STAGES[:4], start=1):
@@ -247,12 +253,20 @@ class VGG16SSD(Backbone):
 
 
 @BACKBONES.register("vgg16_ssd300")
-def vgg16_ssd300(*, pretrained: bool = False, progress: bool = True) -> VGG16SSD:
+def vgg16_ssd300(
+    *, pretrained: bool = False, progress: bool = True, normalization: str = "imagenet"
+) -> VGG16SSD:
     """SSD300's VGG-16: 38, 19, 10, 5, 3, 1 maps at 300x300 (512, 1024, 512, 256, 256, 256 ch)."""
-    return VGG16SSD(extras=SSD300_EXTRAS, pretrained=pretrained, progress=progress)
+    return VGG16SSD(
+        extras=SSD300_EXTRAS, pretrained=pretrained, progress=progress, normalization=normalization
+    )
 
 
 @BACKBONES.register("vgg16_ssd512")
-def vgg16_ssd512(*, pretrained: bool = False, progress: bool = True) -> VGG16SSD:
+def vgg16_ssd512(
+    *, pretrained: bool = False, progress: bool = True, normalization: str = "imagenet"
+) -> VGG16SSD:
     """SSD512's VGG-16: 64, 32, 16, 8, 4, 2, 1 maps at 512x512."""
-    return VGG16SSD(extras=SSD512_EXTRAS, pretrained=pretrained, progress=progress)
+    return VGG16SSD(
+        extras=SSD512_EXTRAS, pretrained=pretrained, progress=progress, normalization=normalization
+    )
