@@ -358,7 +358,9 @@ class PerClassNMS(_NMSBase):
         s = scores[..., 1:]  # [B, A, C]
         if self.pre_nms_top_k is not None and self.pre_nms_top_k < a:
             top = s.topk(self.pre_nms_top_k, dim=1).indices  # [B, n, C]
-            in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True)
+            # scatter a tensor, not a Python scalar: what tracing (ONNX export) can record
+            ones = torch.ones_like(top, dtype=torch.bool)
+            in_top = torch.zeros_like(s, dtype=torch.bool).scatter(1, top, ones)
             s = s.masked_fill(~in_top, 0.0)
         return s.reshape(b, a * (k - 1)), None  # flat index = anchor * C + (label - 1)
 

@@ -51,6 +51,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ssdlit.datamodules import DataError
 from ssdlit.module import DetectionModule
 from ssdlit.registry import ConfigError, RegistryError
+from ssdlit.zoo.loading import is_torchvision_weights
 
 __all__ = [
     "FULL_ERROR",
@@ -68,6 +69,7 @@ __all__ = [
     "run_groups",
     "save_config",
     "set_threads",
+    "torchvision_module",
     "user_error_message",
     "write_json",
 ]
@@ -104,8 +106,11 @@ RUN_CHECKPOINTS = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
 
 def checkpoint_path(path: str | Path) -> Path:
     """``path`` as a :class:`~pathlib.Path` when it is a file; a training run's folder
-    stands for its best checkpoint (else its last, see :data:`RUN_CHECKPOINTS`); anything
-    else is a :class:`UsageError`."""
+    stands for its best checkpoint (else its last, see :data:`RUN_CHECKPOINTS`); a name of
+    torchvision weights (``torchvision:...``) stays as it is; anything else is a
+    :class:`UsageError`."""
+    if str(path).startswith("torchvision:"):  # weights by name (ssdlit.zoo), no file yet
+        return Path(str(path))
     ckpt = Path(str(path)).expanduser()
     if not ckpt.exists():
         where = "" if ckpt.is_absolute() else f" (relative to the working directory {Path.cwd()})"
@@ -119,13 +124,20 @@ def checkpoint_path(path: str | Path) -> Path:
     return ckpt
 
 
-def load_module(path: str | Path, **options: Any) -> DetectionModule:
+def load_module(
+    path: str | Path, class_names: Sequence[str] | None = None, **options: Any
+) -> DetectionModule:
     """The :class:`~ssdlit.module.DetectionModule` of checkpoint ``path``, in eval mode.
 
     ``options`` go to :meth:`~ssdlit.module.DetectionModule.from_checkpoint` (saved
     hyper-parameters to replace, ``postprocess_options``). Raises :class:`UsageError`
     naming the path when it is missing, a folder, or not a readable ssdlit checkpoint.
+    ``path`` may also name torchvision weights (``torchvision:ssd300_vgg16_coco``, a
+    torchvision ``.pth``: :func:`torchvision_module`); ``class_names`` then picks their
+    classes by name (COCO's 90 by default).
     """
+    if is_torchvision_weights(path):  # torchvision:NAME or a torchvision .pth (ssdlit.zoo)
+        return torchvision_module(path, class_names, **options)
     ckpt = checkpoint_path(path)
     try:
         module = DetectionModule.from_checkpoint(ckpt, **options)
@@ -135,6 +147,23 @@ def load_module(path: str | Path, **options: Any) -> DetectionModule:
             "written by python -m ssdlit.train?"
         ) from exc
     return module.eval()
+
+
+def torchvision_module(
+    path: str | Path, class_names: Sequence[str] | None = None, **options: Any
+) -> DetectionModule:
+    """A module of torchvision's weights (:func:`ssdlit.zoo.loading.module_from_torchvision`)
+    with :func:`load_module`'s ``options``; a missing or foreign file is a :class:`UsageError`."""
+    from ssdlit.zoo.loading import module_from_torchvision
+
+    extra = dict(options)
+    post = extra.pop("postprocess_options", None)
+    if post:
+        extra["postprocess"] = post
+    try:
+        return module_from_torchvision(path, class_names, **extra)
+    except (FileNotFoundError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UsageError(f"cannot load {path}: {exc}") from exc
 
 
 def one_line(text: str) -> str:

@@ -173,7 +173,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     module = load_module(ckpt)
     detector = module.detector
     out_dir = Path(str(cfg.output)) if cfg.get("output") else run_dir(cfg)
-    name = str(cfg.get("name") or ckpt.stem)
+    name = str(cfg.get("name") or ckpt.stem.replace(":", "_"))
     verify = plain(cfg.verify)
     images, described = sample_images(
         cfg.get("data"),

@@ -29,6 +29,7 @@ from ssdlit.zoo.torchvision import (
     convert_state_dict,
     detector_spec,
     find_architecture,
+    load_converted,
     load_named_weights,
     torchvision_state_dict,
 )
@@ -114,7 +115,10 @@ def module_from_torchvision(
     if postprocess:
         spec["postprocess"] = {**spec["postprocess"], **postprocess}
     module = DetectionModule(class_names=wanted, **spec, **module_options)
-    transfer_classes(module, _prefixed(state), names, wanted, module.detector.head)
+    if class_names is None:  # the file's own classes, "N/A" rows included, as they are
+        load_converted(module.detector, state, arch)
+    else:
+        transfer_classes(module, _prefixed(state), names, wanted, module.detector.head)
     return module.eval()
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "detector_spec",
     "find_architecture",
     "from_torchvision",
+    "load_converted",
     "load_named_weights",
     "torchvision_state_dict",
 ]
