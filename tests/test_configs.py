@@ -361,7 +361,17 @@ def test_all_experiments_are_listed():
 
 #: Experiments on a full-size network (VGG-16, ResNet-50, MobileNetV3 at 300-512 px): their
 #: builds cost seconds each, ``slow``.
-FULL_SIZE = {"ssd300_voc", "ssd512_voc", "ssdlite_voc", "retina_voc", "yolo_voc"}
+FULL_SIZE = {
+    "ssd300_voc",
+    "ssd512_voc",
+    "ssdlite_voc",
+    "retina_voc",
+    "yolo_voc",
+    "ssd300_coco",
+    "ssdlite320_coco",
+    "finetune_ssd300",
+    "finetune_ssdlite",
+}
 
 
 @pytest.mark.parametrize(

@@ -130,3 +130,79 @@ def test_finetune_experiment_runs_from_a_torchvision_file(ssdlite_file, tmp_path
         ("head.regression_head.module_list.5.1.bias", "detector.head.box_predictors.5.3.bias"),
     ):
         assert torch.equal(trained[key], state[tv_key]), key
+
+
+@pytest.mark.e2e  # the apps with their Trainer (in this process)
+def test_evaluate_and_predict_take_a_torchvision_file(ssdlite_file, tmp_path, tiny):
+    """``ckpt=PATH.pth`` of torchvision's COCO SSDLite: evaluate on COCO-format data of two
+    COCO categories takes those two classes from the file by name; predict names COCO's."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ssdlit.apps.evaluate import main as evaluate_main
+    from ssdlit.apps.predict import main as predict_main
+    from tests.data_builders import write_coco
+    from tests.test_apps import run_app
+
+    path, _ = ssdlite_file
+    root = tmp_path / "coco"
+    (root / "val2017").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(
+            root / "val2017" / f"{i}.png"
+        )
+        images.append({"id": i, "file_name": f"{i}.png", "width": 80, "height": 60})
+        annotations.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 18 if i % 2 else 17,
+                "bbox": [10, 8, 40, 30],
+                "area": 1200,
+                "iscrowd": 0,
+            }
+        )
+    categories = [{"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}]
+    write_coco(
+        root / "annotations" / "instances_val2017.json",
+        {"images": images, "annotations": annotations, "categories": categories},
+    )
+    out = tmp_path / "metrics.json"
+    common = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    run_app(
+        evaluate_main,
+        "ssdlit.evaluate",
+        [
+            f"ckpt={path}",
+            "data=coco",
+            f"data.root={root}",
+            "split=val",
+            *tiny.loader,
+            "data.pin_memory=false",
+            *common,
+            f"output={out}",
+            f"hydra.run.dir={tmp_path}/evaluate",
+        ],
+    ).check()
+    written = json.loads(out.read_text())
+    assert written["class_names"] == ["cat", "dog"] and written["images"] == 3
+    assert set(written["per_class"]) == {"cat", "dog"}
+
+    run_app(
+        predict_main,
+        "ssdlit.predict",
+        [
+            f"ckpt={path}",
+            f"input={root / 'val2017' / '0.png'}",
+            "score_threshold=0.005",
+            f"hydra.run.dir={tmp_path}/p",
+        ],
+    ).check()
+    result = json.loads((tmp_path / "p" / "0.json").read_text())
+    assert result["detections"] and all(
+        d["label"] == coco_class_names()[d["label_id"] - 1] for d in result["detections"]
+    )

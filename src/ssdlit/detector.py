@@ -115,7 +115,7 @@ class Detector(nn.Module):
         # and version they were built from.
         self._overlaps: dict[torch.dtype, AnchorOverlaps] = {}
         self._overlaps_source: tuple[Tensor, int] | None = None
-        if matcher is not None:
+        if matcher is not None and self.anchors.device.type != "meta":  # meta: shapes only
             self.anchor_overlaps()
 
     @classmethod
@@ -160,10 +160,22 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def _probe_feature_sizes(self) -> list[tuple[int, int]]:
+        """The backbone's feature-map sizes for one input: computed on the meta device
+        (shapes only, no arithmetic), or by a real forward pass for a backbone whose ops
+        the meta device cannot run."""
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            feats = self.backbone(torch.zeros(1, 3, *self.image_size))
+            try:
+                tensors = {
+                    **dict(self.backbone.named_parameters()),
+                    **dict(self.backbone.named_buffers()),
+                }
+                meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+                x = torch.zeros(1, 3, *self.image_size, device="meta")
+                feats = torch.func.functional_call(self.backbone, meta, (x,))
+            except (NotImplementedError, RuntimeError, TypeError, ValueError):
+                feats = self.backbone(torch.zeros(1, 3, *self.image_size))
         finally:
             self.backbone.train(was_training)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]

@@ -11,7 +11,10 @@ Reports Pascal VOC mAP@0.5 as VOC2007 (11-point) and VOC2010+ (all-point), both 
 difficult boxes, and COCO mAP@[.5:.95] (torchmetrics + pycocotools); prints a per-class
 table and writes ``metrics.json`` in the run folder (or ``output=...``). The checkpoint is
 read with ``weights_only=True``; its input size and class names are used, and the data's
-class names must be the same.
+class names must be the same. ``ckpt=`` also takes torchvision's COCO detectors
+(``torchvision:ssd300_vgg16_coco``, ``torchvision:ssdlite320_coco``, or a torchvision
+``.pth``, :mod:`ssdlit.zoo`): the data's classes are then taken from theirs by name (COCO's
+80 categories from the 90 labels, whose ten unused ids are dropped).
 
 Examples::
 
@@ -19,6 +22,7 @@ Examples::
     python -m ssdlit.evaluate ckpt=outputs/train/2024-01-01_12-00-00/checkpoints/best.ckpt split=test
     python -m ssdlit.evaluate ckpt=best.ckpt data=voc data.root=/data/VOCdevkit
     python -m ssdlit.evaluate ckpt=best.ckpt data=raccoon 'postprocess={top_k: 100}'
+    python -m ssdlit.evaluate ckpt=torchvision:ssd300_vgg16_coco data=coco data.root=/data/coco
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ssdlit.config import plain
 from ssdlit.datamodules import build_datamodule
 from ssdlit.metrics import format_ap_table
 from ssdlit.training.builders import build_trainer
+from ssdlit.zoo.loading import is_torchvision_weights
 
 __all__ = ["evaluate", "main"]
 
@@ -69,6 +74,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         splits=[split],
         rename={split: "test"},
     )
+    if datamodule.class_names != module.class_names and is_torchvision_weights(ckpt):
+        # torchvision's COCO detectors: the data's classes, each with its row of the file
+        module = load_module(ckpt, class_names=datamodule.class_names, **options)
     if datamodule.class_names != module.class_names:
         raise UsageError(
             f"the data's classes {datamodule.class_names} differ from the checkpoint's "

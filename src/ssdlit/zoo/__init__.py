@@ -8,6 +8,7 @@
   what ``init_from=`` and ``ckpt=`` accept by name.
 """
 
+from ssdlit.zoo.ssd_keras import from_ssd_keras
 from ssdlit.zoo.torchvision import (
     ARCHITECTURES,
     NAMED_WEIGHTS,
@@ -29,11 +30,3 @@ __all__ = [
     "torchvision_state_dict",
 ]
 
-
-def __getattr__(name: str):
-    # ssd_keras's reader is imported on use (it needs h5py, an optional extra)
-    if name == "from_ssd_keras":
-        from ssdlit.zoo.ssd_keras import from_ssd_keras
-
-        return from_ssd_keras
-    raise AttributeError(name)
