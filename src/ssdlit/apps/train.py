@@ -56,8 +56,8 @@ from ssdlit.module import DetectionModule
 from ssdlit.training.builders import build_callbacks, build_loggers, build_trainer
 from ssdlit.training.callbacks import NonFiniteLossError
 from ssdlit.transfer import init_from_checkpoint
-from ssdlit.zoo.loading import init_from_torchvision, is_torchvision_weights
 from ssdlit.visualize import predictions_picture
+from ssdlit.zoo.loading import init_from_torchvision, is_torchvision_weights
 
 __all__ = ["init_from", "main", "objective", "train"]
 

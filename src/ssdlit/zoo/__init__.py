@@ -29,4 +29,3 @@ __all__ = [
     "load_named_weights",
     "torchvision_state_dict",
 ]
-
