@@ -8,7 +8,9 @@ Prints, for every split of the data config (train, val, test):
 - per-class box and image counts, the most common image sizes, and text histograms of box
   sizes (sqrt of box area / image area) and aspect ratios (:mod:`ssdlit.inspection`);
 
-then the anchor coverage: the Detector is built from the same config groups as
+with ``fit`` in the config (``+experiment=small_data``), the anchors and zoom-out range
+``train`` derives from the training boxes (:mod:`ssdlit.fitting`); then the anchor
+coverage: the Detector is built from the same config groups as
 ``train`` (backbone, anchors, head at ``image_size``) and its anchors are matched
 against the boxes of ``coverage.split``; when too few boxes have an anchor with IoU >=
 ``coverage.threshold``, k-means box shapes are suggested. ``draw=N`` writes the first N
@@ -30,13 +32,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from ssdlit.apps.common import UsageError, hydra_app, run_dir, set_threads, write_json
 from ssdlit.config import plain
-from ssdlit.datamodules import Record, build_sources, split_specs
+from ssdlit.datamodules import Record, build_sources, split_off_val, split_specs
 from ssdlit.detector import Detector
-from ssdlit.inspection import coverage_report, dataset_statistics, draw_records
+from ssdlit.fitting import fit_to_data
+from ssdlit.inspection import coverage_report, dataset_statistics, draw_records, normalised_boxes
 from ssdlit.module import DETECTOR_KEYS
 
 __all__ = ["build_anchors", "inspect_data", "main"]
@@ -60,6 +63,36 @@ def build_anchors(
     detector = Detector.build(num_classes=num_classes, **spec)
     per_location = list(detector.anchor_generator.num_anchors_per_location())
     return detector, list(detector.feature_sizes), per_location
+
+
+def _with_fitted_values(
+    cfg: DictConfig, records: dict[str, list[Record]], options: dict[str, Any], results: dict
+) -> DictConfig:
+    """What ``train`` derives from the training boxes at start-up (``fit``), printed and put
+    into ``results["fitted"]``; returns the config with the fitted anchors. The boxes are the
+    same: the training split less the ``data.val_fraction`` validation part."""
+    if "train" not in records:
+        raise UsageError("fit derives settings from the train split, and the data has none")
+    train = records["train"]
+    data = plain(cfg.data)
+    if data.get("val_fraction"):
+        train = split_off_val(train, data["val_fraction"], int(data.get("seed") or 0))[0]
+    updates, lines = fit_to_data(
+        options,
+        normalised_boxes(train),
+        anchors=plain(cfg.anchors),
+        backbone=plain(cfg.backbone),
+        image_size=list(cfg.image_size),
+    )
+    print(_title(f"fitted to the {len(train)} training images (what train will use)"), flush=True)
+    print("\n".join(lines), flush=True)
+    results["fitted"] = updates
+    cfg = cfg.copy()
+    if "anchors" in updates:
+        with open_dict(cfg):
+            cfg.anchors.scales = updates["anchors"]["scales"]
+            cfg.anchors.aspect_ratios = updates["anchors"]["aspect_ratios"]
+    return cfg
 
 
 def _title(text: str) -> str:
@@ -113,6 +146,9 @@ def inspect_data(cfg: DictConfig) -> dict[str, Any]:
     assert class_names is not None
     results["class_names"] = class_names
 
+    fit_options = plain(cfg.get("fit")) or {}
+    if fit_options.get("anchors") or fit_options.get("max_zoom"):
+        cfg = _with_fitted_values(cfg, records, fit_options, results)
     detector, feature_sizes, per_location = build_anchors(cfg, len(class_names))
     anchors = detector.anchors
     h, w = detector.image_size

@@ -38,22 +38,27 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ssdlit.apps.common import (
     UsageError,
     checkpoint_path,
     hydra_app,
+    json_safe,
     run_dir,
     save_config,
     set_threads,
     write_json,
 )
-from ssdlit.datamodules import build_datamodule
+from ssdlit.config import plain
+from ssdlit.datamodules import DetectionDataModule, build_datamodule
+from ssdlit.fitting import fit_epochs, fit_to_data
+from ssdlit.inspection import normalised_boxes
 from ssdlit.metrics import format_ap_table
 from ssdlit.module import DetectionModule
 from ssdlit.training.builders import build_callbacks, build_loggers, build_trainer
+from ssdlit.training.calibration import measure_step_times
 from ssdlit.training.callbacks import NonFiniteLossError
 from ssdlit.transfer import init_from_checkpoint
 from ssdlit.visualize import predictions_picture
@@ -82,6 +87,97 @@ def init_from(module: DetectionModule, path: str | Path) -> str:
         raise UsageError(f"init_from={ckpt}: {exc}") from exc
 
 
+def fit_from_training_data(
+    cfg: DictConfig, datamodule: DetectionDataModule, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Derive the anchors and the zoom-out range from the training part's boxes
+    (:func:`ssdlit.fitting.fit_to_data`), write them into ``cfg`` and the datamodule's
+    training pipeline, log them; returns what ``fitted.yaml`` records."""
+    boxes = normalised_boxes(datamodule.records("train"))
+    updates, lines = fit_to_data(
+        options,
+        boxes,
+        anchors=plain(cfg.anchors),
+        backbone=plain(cfg.backbone),
+        image_size=list(cfg.image_size),
+    )
+    for line in lines:
+        log.info("fit: %s", line)
+    with open_dict(cfg):
+        if "anchors" in updates:
+            cfg.anchors.scales = updates["anchors"]["scales"]
+            cfg.anchors.aspect_ratios = updates["anchors"]["aspect_ratios"]
+        if "augment" in updates:
+            cfg.augment.train.max_zoom = updates["augment"]["train"]["max_zoom"]
+    if "augment" in updates:
+        zoom = updates["augment"]["train"]["max_zoom"]
+        train_aug = dict(plain(datamodule.augment["train"]))
+        datamodule.augment["train"] = {**train_aug, "max_zoom": zoom}
+    return {"boxes": int(boxes.shape[0]), **updates}
+
+
+def fit_epochs_to_budget(
+    cfg: DictConfig, module: DetectionModule, datamodule: DetectionDataModule, minutes: float
+) -> dict[str, Any]:
+    """Set ``trainer.max_epochs`` to what fits ``minutes`` (measured step and validation
+    times, :func:`ssdlit.fitting.fit_epochs`) and ``trainer.max_time`` to ``minutes``."""
+    datamodule.setup("fit")
+    val_loader = datamodule.val_dataloader() or None
+    times = measure_step_times(module, datamodule.train_dataloader(), val_loader)
+    every = int(cfg.trainer.get("check_val_every_n_epoch") or 1)
+    epochs = fit_epochs(
+        float(minutes) * 60.0,
+        times.train_batches,
+        times.train_step,
+        times.validation(),
+        every,
+    )
+    total = round(float(minutes) * 60)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = epochs
+        cfg.trainer.max_time = f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+    log.info(
+        "fit: %d epochs in %g minutes (measured: %.3f s a training step, %d steps an epoch; "
+        "%.1f s a validation pass, every %d epochs)",
+        epochs,
+        minutes,
+        times.train_step,
+        times.train_batches,
+        times.validation(),
+        every,
+    )
+    return {
+        "max_epochs": epochs,
+        "max_time": cfg.trainer.max_time,
+        "seconds_per_step": round(times.train_step, 4),
+        "steps_per_epoch": times.train_batches,
+        "seconds_per_validation": round(times.validation(), 2),
+    }
+
+
+def evaluate_splits(
+    trainer: pl.Trainer,
+    module: DetectionModule,
+    datamodule: DetectionDataModule,
+    ckpt: str | None,
+    evaluate_cfg: Any,
+) -> dict[str, Any]:
+    """``{split: result}`` of checkpoint ``ckpt`` (None: the weights in memory) on the val
+    and test splits that exist and ``evaluate_cfg`` asks for (the weights stay loaded)."""
+    out: dict[str, Any] = {}
+    if evaluate_cfg.get("val", True) and datamodule.val_dataloader():
+        trainer.validate(
+            module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+        )
+        out["val"] = module.last_eval.get("val")
+    if evaluate_cfg.get("test", True) and datamodule.test_dataloader():
+        trainer.test(
+            module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
+        )
+        out["test"] = module.last_eval.get("test")
+    return out
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, evaluate the best checkpoint, write the run folder; returns the results dict."""
     out_dir = run_dir(cfg)
@@ -90,9 +186,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = build_datamodule(cfg.data, cfg.get("augment"), cfg.image_size)
+    fit_options = plain(cfg.get("fit")) or {}
+    fitted = fit_from_training_data(cfg, datamodule, fit_options) if fit_options else {}
     module = DetectionModule.from_config(cfg, datamodule.class_names)
     if cfg.get("init_from"):
         log.info(init_from(module, cfg.init_from))
+    if fit_options.get("minutes"):
+        fitted["trainer"] = fit_epochs_to_budget(cfg, module, datamodule, fit_options["minutes"])
+    if fitted:
+        save_config(cfg, out_dir / "config.yaml")  # with the fitted values
+        save_config(OmegaConf.create(json_safe(fitted)), out_dir / "fitted.yaml")
     loggers = build_loggers(cfg.get("logger"), out_dir)
     callbacks, best_cb = build_callbacks(cfg.get("callbacks"), out_dir, with_logger=bool(loggers))
     trainer = build_trainer(cfg.trainer, out_dir, callbacks, loggers)
@@ -124,21 +227,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "fit_seconds": round(fit_seconds, 2),
         "class_names": module.class_names,
     }
+    if datamodule.val_split is not None:  # data.val_fraction: which images validated
+        results["val_split"] = datamodule.val_split.to_dict()
+    if fitted:
+        results["fitted"] = fitted
     evaluate_cfg = cfg.get("evaluate") or {}
     if trainer.interrupted:
         log.warning("training was interrupted: skipping the final evaluation")
     else:
-        if evaluate_cfg.get("val", True) and datamodule.val_dataloader():
-            trainer.validate(
-                module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
-            )
-            results["val"] = module.last_eval.get("val")
-        if evaluate_cfg.get("test", True) and datamodule.test_dataloader():
-            trainer.test(
-                module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False
-            )
-            results["test"] = module.last_eval.get("test")
+        last = results["last_checkpoint"]
+        if evaluate_cfg.get("final", True) and best_path and last:
+            # the weights at the end of training, beside the checkpoint the monitor chose
+            results["final"] = evaluate_splits(trainer, module, datamodule, last, evaluate_cfg)
+            results["final"]["checkpoint"] = last
+        results["weights"] = (
+            "val and test: the selected checkpoint (best_checkpoint, best by monitor on the val "
+            "split); final: the weights at the end of training (last_checkpoint)"
+        )
+        results.update(evaluate_splits(trainer, module, datamodule, ckpt, evaluate_cfg))
     for split in ("val", "test"):
+        final = (results.get("final") or {}).get(split)
+        if final:
+            table = format_ap_table(final["per_class"], final["summary"])
+            log.info("%s (final weights):\n%s", split, table)
         if results.get(split):
             table = format_ap_table(results[split]["per_class"], results[split]["summary"])
             log.info("%s (best checkpoint):\n%s", split, table)

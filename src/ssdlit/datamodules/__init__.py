@@ -6,7 +6,8 @@ arguments only and exposes ``records`` (:class:`Record`), ``class_names`` and ``
 (:class:`DataReport`). :class:`DetectionDataModule` turns sources into batches with the
 augmentation pipelines of :func:`build_transforms` (``ssd``, ``light``, ``val``).
 :func:`build_datamodule` (:mod:`ssdlit.datamodules.from_config`) builds both from the
-``data`` and ``augment`` config nodes.
+``data`` and ``augment`` config nodes; :func:`split_off_val` carves a validation split
+from the training images (``data.val_fraction``).
 """
 
 from ssdlit.datamodules.coco import COCOSource
@@ -17,6 +18,7 @@ from ssdlit.datamodules.from_config import (
     build_datamodule,
     build_source,
     build_sources,
+    split_roles,
     split_specs,
 )
 from ssdlit.datamodules.images import (
@@ -27,6 +29,7 @@ from ssdlit.datamodules.images import (
     read_header,
 )
 from ssdlit.datamodules.records import DataError, Record, Source
+from ssdlit.datamodules.splitting import ValSplit, split_off_val
 from ssdlit.datamodules.synthetic import SyntheticSource, write_synthetic_voc
 from ssdlit.datamodules.transforms import build_transforms
 from ssdlit.datamodules.validation import DataReport, Problem, Validator
@@ -48,6 +51,7 @@ __all__ = [
     "Source",
     "SyntheticSource",
     "VOCSource",
+    "ValSplit",
     "Validator",
     "build_datamodule",
     "build_source",
@@ -59,6 +63,8 @@ __all__ = [
     "load_rgb",
     "pad_targets",
     "read_header",
+    "split_off_val",
+    "split_roles",
     "split_specs",
     "to_original_pixels",
     "write_synthetic_voc",

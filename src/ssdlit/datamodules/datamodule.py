@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from ssdlit.config import plain
 from ssdlit.datamodules.collate import collate_detection, make_meta
 from ssdlit.datamodules.records import DataError, Record
+from ssdlit.datamodules.splitting import ValSplit, carve
 from ssdlit.datamodules.transforms import apply_transform, as_hw, build_transforms, find_letterbox
 from ssdlit.datamodules.validation import DataReport, Problem
 
@@ -389,10 +390,22 @@ class DetectionDataModule(pl.LightningDataModule):
         on_bad: the policy for images that cannot be decoded when loaded, for the splits
             whose source has none of its own (a source's ``on_bad`` wins): ``"error"`` or
             ``"skip"`` (see the module docstring).
+        val_fraction: validate on this fraction of the ``train`` images instead of a
+            ``val`` source (which must then be None): a ``seed``-ed split of the training
+            records, ``round(val_fraction * N)`` images and at least 1 (see
+            :func:`~ssdlit.datamodules.splitting.split_off_val`). The validation images get
+            the ``val`` pipeline, the others the ``train`` one.
+        val_split: how the given ``train`` / ``val`` sources were carved, when the caller
+            did it (:func:`~ssdlit.datamodules.build_datamodule` for ``data.val_fraction``);
+            kept as :attr:`val_split`.
 
     Attributes:
         reports: ``{split: DataReport}``, the source's report (a new one for plain
-            records), to which :meth:`sync_reports` adds what loading found.
+            records), to which :meth:`sync_reports` adds what loading found. With a
+            carved validation split, each part has its own (counting its own images).
+        val_split: :class:`~ssdlit.datamodules.splitting.ValSplit` (which images went to
+            validation, which to training, the fraction and the seed) when the validation
+            split was carved from the training images, else None.
     """
 
     def __init__(
@@ -415,6 +428,8 @@ class DetectionDataModule(pl.LightningDataModule):
         cache_images: bool | Sequence[str] = False,
         loader: ImageLoader | None = None,
         on_bad: str = "error",
+        val_fraction: float | None = None,
+        val_split: ValSplit | None = None,
     ) -> None:
         super().__init__()
         self.image_size = as_hw(image_size)
@@ -437,6 +452,26 @@ class DetectionDataModule(pl.LightningDataModule):
 
         if on_bad not in ("error", "skip"):
             raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+        self.val_split: ValSplit | None = val_split
+        if val_fraction is not None:
+            if train is None:
+                raise ValueError(
+                    "val_fraction carves the val split from train: give a train source"
+                )
+            if val is not None:
+                raise ValueError(
+                    "val_fraction carves the val split from train: give no val source too"
+                )
+            records, source_names = _split_source(train)
+            report = getattr(train, "report", None)
+            train, val, self.val_split = carve(
+                records,
+                source_names,
+                val_fraction,
+                self.seed,
+                report=report if isinstance(report, DataReport) else None,
+                on_bad=getattr(train, "on_bad", None),
+            )
         self._records: dict[str, list[Record] | None] = {}
         self._on_bad: dict[str, str] = dict.fromkeys(_SPLITS, on_bad)
         self.reports: dict[str, DataReport] = {}
@@ -490,6 +525,16 @@ class DetectionDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         """C, the number of object classes (background not counted)."""
         return len(self.class_names)
+
+    def records(self, split: str) -> list[Record]:
+        """The parsed records of ``split`` (``[]`` when it has none): with ``val_fraction``,
+        ``train`` is the training part only."""
+        return list(self._records.get(split) or [])
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """``{split: number of images}`` of the splits there are (nothing is loaded)."""
+        return {s: len(r) for s, r in self._records.items() if r is not None}
 
     # -- datasets -----------------------------------------------------------------------
 

@@ -7,6 +7,10 @@
 - ``data.class_names``: the one key for the class names, handed to every split's source
   (null: the first split's source decides, e.g. the names in its files, and the other
   splits get the same);
+- ``data.val_fraction`` (null, or a fraction in (0, 1)): validate on a ``data.seed``-ed
+  share of the *training* images (:func:`~ssdlit.datamodules.splitting.split_off_val`), so
+  that no test image chooses the checkpoint; a configured ``data.val`` then becomes the test
+  split when ``data.test`` is null (both set: a :class:`~ssdlit.registry.ConfigError`);
 - the loader options (:data:`DATAMODULE_OPTIONS`: ``batch_size``, ``eval_batch_size``,
   ``num_workers``, ...); any other key (``root``...) is a free variable for interpolation;
 - ``augment.train`` and ``augment.eval``: pipeline specs (``{name: ssd|light|val, ...}``).
@@ -21,6 +25,7 @@ from typing import Any
 
 from ssdlit.config import plain
 from ssdlit.datamodules.datamodule import DetectionDataModule
+from ssdlit.datamodules.splitting import VAL_FRACTION_KEY, ValSplit, carve, check_val_fraction
 from ssdlit.registry import DATASETS, ConfigError
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "build_datamodule",
     "build_source",
     "build_sources",
+    "split_roles",
     "split_specs",
 ]
 
@@ -136,6 +142,79 @@ def build_sources(
     return sources
 
 
+def split_roles(data: Mapping[str, Any]) -> dict[str, str | None]:
+    """``{role: the data split it is read from}``: which configured split (``data.train``,
+    ``data.val``, ``data.test``) the datamodule serves as its train, val and test split.
+
+    Without ``data.val_fraction`` each split is itself. With it, ``val`` is carved from
+    ``train`` (the role ``val`` reads ``"train"``) and ``test`` is ``data.test``, or the
+    configured ``data.val`` when ``data.test`` is null; None: no such split. A config with
+    ``data.val``, ``data.test`` and ``data.val_fraction`` all set is a
+    :class:`~ssdlit.registry.ConfigError` (there is no place left for ``data.val``).
+    """
+    data = plain(data)
+    specs = split_specs(data)
+    fraction = check_val_fraction(data.get("val_fraction"))
+    if fraction is None:
+        return {s: (s if specs[s] is not None else None) for s in SPLITS}
+    if specs["val"] is not None and specs["test"] is not None:
+        raise ConfigError(
+            f"{VAL_FRACTION_KEY}={fraction:g} validates on a share of the training images, "
+            "but data.val and data.test are both set, and data.val would be neither "
+            f"validation nor test: set data.val=null, or {VAL_FRACTION_KEY}=null to validate "
+            "on data.val"
+        )
+    train = "train" if specs["train"] is not None else None
+    test = "test" if specs["test"] is not None else ("val" if specs["val"] is not None else None)
+    return {"train": train, "val": train, "test": test}
+
+
+def _carved_sources(
+    data: dict[str, Any],
+    splits: Sequence[str],
+    class_names: Sequence[str] | None,
+    fraction: float,
+) -> tuple[dict[str, Any], ValSplit | None]:
+    """``({role: source}, ValSplit)`` of the roles in ``splits`` with ``data.val_fraction``:
+    the ``train`` and ``val`` roles are the two parts of ``data.train`` (carved the same way
+    whichever of them is asked for), ``test`` is :func:`split_roles`'s."""
+    roles = split_roles(data)
+    wanted = [r for r in SPLITS if r in splits]
+    if any(r in ("train", "val") for r in wanted) and roles["train"] is None:
+        raise ConfigError(
+            f"{VAL_FRACTION_KEY}={fraction:g} carves the val split from the training images, "
+            "but data.train is null"
+        )
+    needed = {roles[r] for r in wanted if roles[r] is not None}
+    built = build_sources(data, [s for s in SPLITS if s in needed], class_names)
+    out: dict[str, Any] = {}
+    info: ValSplit | None = None
+    if "train" in built and any(r in ("train", "val") for r in wanted):
+        source = built["train"]
+        report = getattr(source, "report", None)
+        seed = data.get("seed")
+        train_part, val_part, info = carve(
+            list(source.records),
+            getattr(source, "class_names", None),
+            fraction,
+            0 if seed is None else int(seed),
+            report=report if hasattr(report, "count_records") else None,
+            on_bad=getattr(source, "on_bad", None),
+        )
+        out.update({r: p for r, p in (("train", train_part), ("val", val_part)) if r in wanted})
+    parts = [info.describe()] if info is not None else []
+    if "test" in wanted and roles["test"] in built:
+        out["test"] = built[roles["test"]]
+        if roles["test"] == "val":
+            n = len(out["test"].records)
+            if not parts:
+                parts.append(f"{VAL_FRACTION_KEY}={fraction:g}")
+            parts.append(f"the configured val split ({n} images) is the test split")
+    if parts:
+        log.info("%s", "; ".join(parts))
+    return out, info
+
+
 def build_datamodule(
     data: Mapping[str, Any],
     augment: Mapping[str, Any] | None,
@@ -156,11 +235,22 @@ def build_datamodule(
         predict: images for the predict split (files, folders, globs).
         class_names: the class names when ``data.class_names`` is null (e.g. those of the
             checkpoint being evaluated); see :func:`build_sources`.
+
+    With ``data.val_fraction`` the splits are roles (:func:`split_roles`): ``"val"`` is
+    the seeded share of ``data.train``'s images (the same images whether or not
+    ``"train"`` is built too: ``evaluate split=val`` sees those the run validated on),
+    ``"train"`` the rest, ``"test"`` ``data.test`` or else the configured ``data.val``.
+    The datamodule's :attr:`~DetectionDataModule.val_split` says which images went where.
     """
     data = plain(data)
     aug = plain(augment) or {}
     rename = dict(rename or {})
-    built = build_sources(data, splits, class_names)
+    fraction = check_val_fraction(data.get("val_fraction"))
+    val_split: ValSplit | None = None
+    if fraction is None:
+        built = build_sources(data, splits, class_names)
+    else:
+        built, val_split = _carved_sources(data, splits, class_names, fraction)
     sources = {rename.get(split, split): source for split, source in built.items()}
     eval_aug = aug.get("eval", "val")
     options = {k: data[k] for k in DATAMODULE_OPTIONS if k in data and data[k] is not None}
@@ -178,5 +268,6 @@ def build_datamodule(
             "test": eval_aug,
             "predict": eval_aug,
         },
+        val_split=val_split,
         **options,
     )
