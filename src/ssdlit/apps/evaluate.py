@@ -73,6 +73,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module.detector.image_size,
         splits=[split],
         rename={split: "test"},
+        # a split whose files lack a class still has the checkpoint's labels (torchvision's
+        # weights: the data's own names, picked from the file's by name below)
+        class_names=None if is_torchvision_weights(ckpt) else module.class_names,
     )
     if datamodule.class_names != module.class_names and is_torchvision_weights(ckpt):
         # torchvision's COCO detectors: the data's classes, each with its row of the file
