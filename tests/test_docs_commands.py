@@ -7,18 +7,25 @@ a command added or changed there is tested as written. Each runs with its own ar
 where the placeholders become tiny local stand-ins:
 
 - ``ckpt=...`` and ``init_from=...`` -> the checkpoint of a tiny run trained once for this module (and
-  ``hydra.run.dir=outputs/train/<run>`` -> a copy of that run's folder);
+  ``hydra.run.dir=outputs/train/<run>`` -> a copy of that run's folder); torchvision weights
+  (``torchvision:NAME``, a ``.pth``; also a config's own ``init_from`` such as the
+  ``finetune_*`` experiments' default, which would download) -> a ``.pth`` of torchvision's
+  model of that architecture with random weights (91 COCO outputs), written when first needed;
 - ``input=...`` -> a folder of two images;
 - ``data.root=...`` of a VOC devkit -> a generated VOCdevkit (VOC2007 + VOC2012, the
   paper's split lists); of ``data=voc_folder`` -> a generated flat VOC folder; the raccoon data (``SSDLIT_RACCOON_DIR``) -> a generated folder of
-  the same layout; ``data.*_csv`` / ``data.images_dir`` -> a generated CSV dataset;
+  the same layout; ``data.*_csv`` / ``data.images_dir`` -> a generated CSV dataset; of a
+  config whose data source is ``coco`` -> a generated COCO 2017 folder (``annotations/``,
+  ``train2017/``, ``val2017/``, categories named as COCO names them);
 - ``--config-dir my_conf`` -> a folder with ``experiment/mine.yaml``;
 
 plus overrides that keep it short (appended after the command's own): one training step
 (``trainer.fast_dev_run=1``), no workers, small synthetic data, no pretrained download,
-``hydra.run.dir`` / ``hydra.sweep.dir`` in a temporary folder. Commands run in this
+``hydra.run.dir`` / ``hydra.sweep.dir`` in a temporary folder, one process where a config
+asks for more than two (``trainer.devices=8`` of the COCO recipes). Commands run in this
 process through the app's ``main`` with ``sys.argv`` set (interpreter start-up is most of
-a small command's cost); ``trainer=ddp`` starts worker processes and runs as a subprocess.
+a small command's cost); a DDP strategy (``trainer=ddp``, or an experiment selecting it)
+starts a process group and worker processes, and runs as a subprocess.
 :data:`EXCLUDED` lists what cannot run here, with the reason.
 """
 
@@ -41,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data_builders import voc_xml, write_image
+from tests.data_builders import voc_xml, write_coco, write_image
 
 #: Runs through the command line or a real Trainer: `pytest -m "not e2e"` leaves it out.
 pytestmark = pytest.mark.e2e
@@ -114,9 +121,14 @@ def extract(text: str, where: str, comments: bool) -> list[Command]:
             i += 1
             continue
         rest = lines[i][m.end() :]
+        # inside inline code (`python -m ...`), which a line break of the prose may cut
+        inline = lines[i][: m.start()].count("`") % 2 == 1
         while rest.rstrip().endswith("\\") and i + 1 < len(lines):  # continuation lines
             i += 1
             rest = rest.rstrip()[:-1] + " " + lines[i].strip()
+        while inline and "`" not in rest and i + 1 < len(lines) and lines[i + 1].strip():
+            i += 1
+            rest = rest.rstrip() + " " + lines[i].strip()
         i += 1
         tokens = _drop_synopsis(shlex.split(_cut(rest), comments=True))
         env = tuple(tuple(kv.split("=", 1)) for kv in m.group(1).split())
@@ -192,6 +204,52 @@ def csv_dataset(root: Path, n_train: int, n_test: int, cls: str = "raccoon") -> 
     return root
 
 
+#: COCO category ids and names (as COCO and torchvision's COCO detectors name them) of the
+#: COCO stand-in: a COCO model's classes include them, so evaluating it keeps their rows.
+COCO_CATEGORIES = {1: "person", 17: "cat", 18: "dog"}
+
+
+def coco_folder(root: Path, n_train: int = 4, n_val: int = 3) -> Path:
+    """COCO 2017's layout (``data.root`` of ``conf/data/coco.yaml``): ``annotations/``
+    ``instances_{train,val}2017.json``, ``train2017/``, ``val2017/``; 64x48 images with one
+    box each, the categories of :data:`COCO_CATEGORIES` in turn."""
+    categories = [{"id": k, "name": v, "supercategory": "x"} for k, v in COCO_CATEGORIES.items()]
+    for split, n in (("train2017", n_train), ("val2017", n_val)):
+        images, annotations = [], []
+        for i in range(1, n + 1):
+            name = f"{i:012d}.jpg"
+            write_image(root / split / name, 64, 48, colour=(30 * i, 90, 200))
+            images.append({"id": i, "file_name": name, "width": 64, "height": 48})
+            category = list(COCO_CATEGORIES)[(i - 1) % len(COCO_CATEGORIES)]
+            annotations.append(
+                {
+                    "id": i,
+                    "image_id": i,
+                    "category_id": category,
+                    "bbox": [5, 5, 35, 25],
+                    "area": 35 * 25,
+                    "iscrowd": 0,
+                }
+            )
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        write_coco(root / "annotations" / f"instances_{split}.json", data)
+    return root
+
+
+def torchvision_pth(path: Path, arch: str) -> Path:
+    """torchvision's ``arch`` (a builder of ``torchvision.models.detection``) with random
+    weights and COCO's 91 outputs, its state dict saved to ``path`` as torchvision's own
+    ``.pth`` files are: what ``torchvision:NAME`` downloads, without the download."""
+    import torch
+    from torchvision.models import detection
+
+    torch.manual_seed(0)
+    model = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=91)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
 @dataclass
 class Stage:
     """The temporary folder and what the commands' placeholders become."""
@@ -204,7 +262,16 @@ class Stage:
     voc_folder: Path
     raccoon: Path
     csv: Path
+    coco: Path
     my_conf: Path
+    zoo: dict[str, Path] = field(default_factory=dict)
+
+    def torchvision(self, arch: str) -> Path:
+        """The stand-in ``.pth`` of torchvision's ``arch``, written at the first call (the
+        SSD300 VGG16 one is ~140 MB and takes seconds: only for a command that needs it)."""
+        if arch not in self.zoo:
+            self.zoo[arch] = torchvision_pth(self.tmp / "zoo" / f"{arch}.pth", arch)
+        return self.zoo[arch]
 
 
 def run_in_process(module: str, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -271,6 +338,7 @@ def stage(tmp_path_factory, tiny) -> Stage:
         voc_folder=voc_folder(tmp / "mine"),
         raccoon=csv_dataset(tmp / "raccoon", 4, 2),
         csv=csv_dataset(tmp / "csv", 4, 2, cls="car"),
+        coco=coco_folder(tmp / "coco"),
         my_conf=my_conf,
     )
 
@@ -302,6 +370,8 @@ def substitute(
             next(it)
             config_dir = st.my_conf
             args += ["--config-dir", str(st.my_conf)]
+        elif key in ("ckpt", "init_from") and _torchvision_weights(value):
+            args.append(a)  # a stand-in of its architecture, once composed (see fit_to_config)
         elif key in ("ckpt", "init_from"):
             args.append(f"{key}={st.ckpt}")
         elif key == "input":
@@ -312,7 +382,7 @@ def substitute(
                 args.append(f"data.root={st.raccoon}")
             elif "data=voc_folder" in words:
                 args.append(f"data.root={st.voc_folder}")
-            else:
+            else:  # a COCO config's becomes the COCO stand-in once composed (fit_to_config)
                 args.append(f"data.root={st.voc}")
         elif key in ("data.train_csv", "data.val_csv"):
             split = "train" if key == "data.train_csv" else "test"
@@ -329,6 +399,57 @@ def substitute(
             args.append(a)
     env.setdefault("SSDLIT_RACCOON_DIR", str(st.raccoon))
     return args, env, config_dir
+
+
+def _torchvision_weights(value: object) -> bool:
+    from ssdlit.zoo.loading import is_torchvision_weights
+
+    return value is not None and is_torchvision_weights(str(value))
+
+
+def torchvision_arch(value: str, cfg: object) -> str:
+    """The architecture of torchvision weights ``value``: the one a name stands for, else (a
+    ``.pth`` placeholder, ``torchvision:...``) the composed config's network's; a config
+    without one (evaluate, predict, export take the network from the file): SSDLite320, the
+    cheaper one."""
+    from ssdlit.zoo.torchvision import ARCHITECTURES, NAMED_WEIGHTS
+
+    if value in NAMED_WEIGHTS:
+        return NAMED_WEIGHTS[value]
+    of_backbone = {a.backbone["name"]: name for name, a in ARCHITECTURES.items()}
+    backbone = (cfg.get("backbone") or {}).get("name")  # type: ignore[attr-defined]
+    return of_backbone.get(backbone, "ssdlite320_mobilenet_v3_large")
+
+
+def _source_name(cfg: object) -> str | None:
+    data = cfg.get("data")  # type: ignore[attr-defined]
+    source = data.get("source") if data is not None else None
+    return source.get("name") if source is not None else None
+
+
+def fit_to_config(args: list[str], cfg: object, st: Stage) -> list[str]:
+    """The stand-ins that depend on the composed config: torchvision weights (the command's
+    ``ckpt=`` / ``init_from=``, or the config's own ``init_from``, appended after the command's
+    arguments) -> a ``.pth`` of their architecture; the COCO data's ``data.root`` -> the COCO
+    stand-in."""
+    out: list[str] = []
+    for a in args:
+        key, _, value = a.partition("=")
+        if key in ("ckpt", "init_from") and _torchvision_weights(value):
+            a = f"{key}={st.torchvision(torchvision_arch(value, cfg))}"
+        elif key == "data.root" and _source_name(cfg) == "coco":
+            a = f"data.root={st.coco}"
+        out.append(a)
+    keys = {a.partition("=")[0].lstrip("+~") for a in args}
+    init_from = cfg.get("init_from")  # type: ignore[attr-defined]
+    if "init_from" not in keys and _torchvision_weights(init_from):  # e.g. finetune_ssdlite's
+        out.append(f"init_from={st.torchvision(torchvision_arch(str(init_from), cfg))}")
+    return out
+
+
+def _ddp(cfg: object) -> bool:
+    trainer = cfg.get("trainer") or {}  # type: ignore[attr-defined]
+    return "ddp" in str(trainer.get("strategy"))
 
 
 def speedups(app: str, args: list[str], cfg: object, case: Path, multirun: bool, tiny) -> list[str]:
@@ -352,6 +473,13 @@ def speedups(app: str, args: list[str], cfg: object, case: Path, multirun: bool,
     if app == "train":
         out += ["trainer.fast_dev_run=1", "logger=none", "picture.enabled=false"]
         out += ["metrics.coco=false"]
+        devices = (cfg.get("trainer") or {}).get("devices")
+        if isinstance(devices, int) and devices > 2 and "trainer.devices" not in keys:
+            # The COCO recipes' 8 processes (one per GPU): one here. The documented command
+            # takes the same path (DDP strategy, process group, distributed sampler), only the
+            # process count differs; two CPU processes are what README's `trainer=ddp` runs
+            # already, and two full-size networks would share this machine's two cores.
+            out.append("trainer.devices=1")
     if app == "export":
         out.append("verify.num_images=1")
     if app == "inspect":
@@ -401,9 +529,10 @@ def test_documented_command_runs(cmd: Command, stage: Stage, tmp_path: Path, tin
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    args = fit_to_config(args, composed, stage)
     argv = [*args, *speedups(app, hydra_args, composed, tmp_path, multirun, tiny)]
     env = {**env, "OMP_NUM_THREADS": "1"}
-    if any(a.startswith("trainer=ddp") for a in args):  # starts processes: a real command line
+    if _ddp(composed):  # a process group and worker processes: a real command line
         proc = subprocess.run(
             [sys.executable, "-m", cmd.module, *argv],
             cwd=tmp_path,
