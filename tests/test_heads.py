@@ -951,9 +951,11 @@ def test_multibox_beta_zero_is_l1_on_the_positives():
         SSDHead(in_channels=[8], num_anchors=[2], num_classes=C, beta=-1.0)
 
 
-def test_multibox_loss_never_materialises_dense_box_targets():
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "giou", "diou", "ciou", "smooth_l1+giou"])
+def test_multibox_loss_never_materialises_dense_box_targets(box_loss):
     """Targets for the positives only: no op of the loss makes a new tensor of B * A * 4
-    numbers; backward only makes the gradient of ``box_deltas`` itself."""
+    numbers; backward only makes the gradient of ``box_deltas`` itself. The IoU box
+    losses decode the positives' deltas only ([P, 4])."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     b, a = 4, 600
@@ -974,7 +976,9 @@ def test_multibox_loss_never_materialises_dense_box_targets():
             return out
 
     with Record():
-        loss = multibox_loss(logits, deltas, matches, gt_boxes, gt_labels, anchors, BoxCoder())
+        loss = multibox_loss(
+            logits, deltas, matches, gt_boxes, gt_labels, anchors, BoxCoder(), box_loss=box_loss
+        )
     assert made == []
     made.clear()
     with Record():

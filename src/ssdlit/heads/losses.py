@@ -1,4 +1,5 @@
-"""Loss pieces shared by the heads: target gathering and the SSD MultiBox loss.
+"""Loss pieces shared by the heads: target gathering, the SSD MultiBox loss and its
+IoU-aware box terms (GIoU, DIoU, CIoU on decoded boxes).
 
 Everything here works on the whole batch at once; there is no loop over images.
 ``matches [B, A]`` comes from a matcher: gt index (>= 0), ``BACKGROUND`` (-1) or
@@ -13,23 +14,46 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import (
+    complete_box_iou_loss,
+    distance_box_iou_loss,
+    generalized_box_iou_loss,
+)
 
 from ssdlit.anchors.matching import BACKGROUND, keys
 from ssdlit.boxes import BoxCoder, convert
 
 __all__ = [
+    "BOX_LOSSES",
     "MINING",
     "MINING_MODES",
     "NEG_POS_RATIO",
     "N_NEG_MIN",
     "MultiBoxLoss",
     "background_loss",
+    "box_loss_terms",
+    "iou_loss_sum",
     "mine_negatives",
     "multibox_loss",
     "positive_targets",
 ]
 
 MINING_MODES = ("per_image", "per_batch")
+
+#: The box terms of the MultiBox loss: smooth-L1 on the encoded deltas (the paper), or
+#: torchvision's generalized / distance / complete IoU loss on the decoded boxes. Two
+#: of them joined by "+" (``"smooth_l1+giou"``) are summed.
+BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou")
+_IOU_LOSSES = {
+    "giou": generalized_box_iou_loss,
+    "diou": distance_box_iou_loss,
+    "ciou": complete_box_iou_loss,
+}
+#: The least width and height (normalised) of a decoded box in the IoU terms: a box
+#: decoded from very negative dw / dh (exp underflows to 0, or x2 - x1 rounds to 0)
+#: would give CIoU's aspect term 0 / 0 and NaN gradients. 1e-6 of the image is far
+#: below any box a detector predicts on purpose, so only degenerate boxes are changed.
+MIN_BOX_SIZE = 1e-6
 
 #: The MultiBox defaults, used by every signature below and by the SSD heads (the
 #: head configs conf/head/ssd.yaml and ssdlite.yaml state the same values; a test
@@ -74,6 +98,50 @@ def positive_targets(
     gt = (positives // a) * gt_boxes.shape[1] + matches.reshape(-1).index_select(0, positives)
     boxes = gt_boxes.reshape(-1, 4).index_select(0, gt)
     return positives, boxes, gt_labels.reshape(-1).index_select(0, gt).long()
+
+
+def box_loss_terms(box_loss: str) -> tuple[str, ...]:
+    """The terms of a ``box_loss`` option: ``"giou"`` -> ``("giou",)``, ``"smooth_l1+giou"``
+    -> ``("smooth_l1", "giou")``; a ``ValueError`` naming the choices for anything else
+    (an unknown name, an empty or repeated term)."""
+    terms = tuple(t.strip() for t in str(box_loss).split("+"))
+    if not all(t in BOX_LOSSES for t in terms) or len(set(terms)) != len(terms):
+        raise ValueError(
+            f"box_loss must be one of {BOX_LOSSES} or two of them joined by '+' "
+            f"(e.g. 'smooth_l1+giou'), got {box_loss!r}"
+        )
+    return terms
+
+
+def iou_loss_sum(
+    kind: str, deltas: Tensor, anchors: Tensor, gt_xyxy: Tensor, coder: BoxCoder
+) -> Tensor:
+    """The IoU loss ``kind`` (``"giou"``, ``"diou"`` or ``"ciou"``: torchvision.ops'
+    ``generalized_box_iou_loss``, ``distance_box_iou_loss``, ``complete_box_iou_loss``)
+    summed over the rows, between the decoded predictions and their ground truth.
+
+    Args:
+        deltas: ``[P, 4]`` predicted (dx, dy, dw, dh) of the positives.
+        anchors: ``[P, 4]`` cxcywh normalised, the anchor of each row.
+        gt_xyxy: ``[P, 4]`` xyxy normalised, the matched gt box of each row.
+        coder: the head's :class:`~ssdlit.boxes.BoxCoder` (its ``max_log_scale`` bounds
+            the decoded sizes from above).
+    Returns:
+        a scalar in float32 (float64 for float64 inputs), computed with autocast off:
+        ``deltas`` are decoded, their width and height raised to at least
+        :data:`MIN_BOX_SIZE` (finite values and gradients for degenerate boxes), and
+        converted to xyxy. Rows are independent: no ``[B, A, 4]`` tensor is made.
+    """
+    if kind not in _IOU_LOSSES:
+        raise ValueError(f"unknown IoU loss {kind!r}; expected one of {tuple(_IOU_LOSSES)}")
+    device = deltas.device
+    dtype = torch.promote_types(deltas.dtype, torch.float32)
+    exact = torch.autocast(device.type, enabled=False) if device.type != "meta" else nullcontext()
+    with exact:
+        boxes = coder.decode(deltas.to(dtype), anchors.to(device=device, dtype=dtype))
+        boxes = torch.cat((boxes[:, :2], boxes[:, 2:].clamp(min=MIN_BOX_SIZE)), dim=1)
+        pred = convert(boxes, "cxcywh", "xyxy")  # [P, 4]
+        return _IOU_LOSSES[kind](pred, gt_xyxy.to(dtype), reduction="sum")
 
 
 def background_loss(cls_logits: Tensor) -> Tensor:
@@ -217,17 +285,27 @@ def multibox_loss(
     alpha: float = 1.0,
     mining: str = MINING,
     beta: float = 1.0,
+    box_loss: str = "smooth_l1",
 ) -> dict[str, Tensor]:
     """The SSD MultiBox loss with hard negative mining, on the anchors that count only.
 
     - classification: softmax cross-entropy over the K = C + 1 columns (0 = background)
       on the positives and on the negatives chosen by :func:`mine_negatives`;
-    - localisation: smooth-L1 (``beta`` 1 as in the paper; smaller is closer to L1 and
-      pushes harder on small errors), summed over the 4 numbers, between the
-      positives' ``box_deltas`` and ``coder.encode(matched gt, anchor)``;
+    - localisation (``box_loss``, on the positives only):
+
+      - ``"smooth_l1"`` (the paper, the default): smooth-L1 (``beta`` 1 as in the paper;
+        smaller is closer to L1 and pushes harder on small errors), summed over the 4
+        numbers, between the positives' ``box_deltas`` and ``coder.encode(matched gt,
+        anchor)``;
+      - ``"giou"``, ``"diou"``, ``"ciou"``: torchvision.ops' generalized / distance /
+        complete IoU loss (in [0, 2) per box; 0 for a perfect box) between the
+        positives' boxes decoded by ``coder`` (``[P, 4]``, cxcywh -> xyxy) and their
+        matched gt boxes (xyxy), in float32 with autocast off (:func:`iou_loss_sum`);
+        ``beta`` plays no part;
+      - two joined by ``"+"`` (``"smooth_l1+giou"``): their sums added;
     - ignored anchors (-2) enter neither term.
 
-    Both terms are divided by N = max(1, P, M / neg_pos_ratio) with P the positives
+    Both terms (whichever the box loss) are divided by N = max(1, P, M / neg_pos_ratio) with P the positives
     and M the mined negatives of the batch (``neg_pos_ratio`` 0: N = max(1, P)); the
     total is ``loss_cls + alpha * loss_box``. While the ratio sets the budgets
     (M <= ratio * P) this is the paper's N = P; where ``n_neg_min`` adds negatives
@@ -238,7 +316,8 @@ def multibox_loss(
     How: the background loss of every anchor is computed once without gradient (what
     mining ranks); the positives and the mined negatives are then gathered (``[P, K]``
     and ``[R, k, K]`` rows) and only they enter the graph: the regression targets
-    exist for the P positives only (``[P, 4]``), never as a dense ``[B, A, 4]``. The
+    (and, for the IoU terms, the decoded boxes) exist for the P positives only
+    (``[P, 4]``), never as a dense ``[B, A, 4]``. The
     step reads two numbers on the host, once (the positives and the largest negative
     budget: the sizes of those gathers).
 
@@ -250,9 +329,12 @@ def multibox_loss(
         gt_labels: ``[B, G]`` int64 in 1..C.
         anchors: ``[A, 4]`` cxcywh normalised.
         coder: the head's :class:`~ssdlit.boxes.BoxCoder`.
+        box_loss: the box term (see above; :data:`BOX_LOSSES`).
     Returns:
-        ``{"loss", "loss_cls", "loss_box"}`` scalars (float32 or wider).
+        ``{"loss", "loss_cls", "loss_box"}`` scalars (float32 or wider); ``loss_box``
+        is the chosen box term.
     """
+    terms = box_loss_terms(box_loss)
     b, a, k = cls_logits.shape
     if matches.shape != (b, a) or box_deltas.shape != (b, a, 4):
         raise ValueError(
@@ -278,11 +360,18 @@ def multibox_loss(
     )
     cls_sum = (ce * weight).sum()
 
-    matched = convert(gt_xyxy.to(dtype), "xyxy", "cxcywh")  # [P, 4]
     anchors = anchors.to(device=cls_logits.device, dtype=dtype)
-    targets = coder.encode(matched, anchors.index_select(0, positives % a))  # [P, 4]
+    pos_anchors = anchors.index_select(0, positives % a)  # [P, 4]
     deltas = box_deltas.reshape(b * a, 4).index_select(0, positives).to(dtype)
-    loc_sum = F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum")
+    sums = []
+    for term in terms:
+        if term == "smooth_l1":
+            matched = convert(gt_xyxy.to(dtype), "xyxy", "cxcywh")  # [P, 4]
+            targets = coder.encode(matched, pos_anchors)  # [P, 4]
+            sums.append(F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum"))
+        else:
+            sums.append(iou_loss_sum(term, deltas, pos_anchors, gt_xyxy, coder))
+    loc_sum = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
     n: Tensor | float = float(max(p, 1))
     if neg_pos_ratio > 0:
@@ -301,10 +390,15 @@ class MultiBoxLoss:
         n_neg_min: least number of negatives kept (per image or per batch, see ``mining``;
             default :data:`N_NEG_MIN`, which gives images without objects their hardest
             negatives).
-        alpha: weight of the localisation term.
+        alpha: weight of the localisation term (whichever ``box_loss``): the total is
+            ``loss_cls + alpha * loss_box``.
         mining: ``"per_image"`` (default) or ``"per_batch"`` (see :func:`mine_negatives`).
         beta: the smooth-L1 transition point of the localisation term (>= 0; 0 is L1).
         coder: a ready :class:`~ssdlit.boxes.BoxCoder` to share with the head.
+        box_loss: the localisation term: ``"smooth_l1"`` (default, the paper) on the
+            encoded deltas, or ``"giou"`` / ``"diou"`` / ``"ciou"`` on the decoded boxes
+            (torchvision.ops), or two joined by ``"+"`` (``"smooth_l1+giou"``, summed);
+            see :func:`multibox_loss`. Anything else is a ``ValueError`` here.
     """
 
     def __init__(
@@ -316,7 +410,9 @@ class MultiBoxLoss:
         mining: str = MINING,
         coder: BoxCoder | None = None,
         beta: float = 1.0,
+        box_loss: str = "smooth_l1",
     ) -> None:
+        box_loss_terms(box_loss)  # refuse an unknown box loss now, not at the first step
         if mining not in MINING_MODES:
             raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
         if neg_pos_ratio < 0 or n_neg_min < 0:
@@ -329,6 +425,7 @@ class MultiBoxLoss:
         self.alpha = float(alpha)
         self.mining = mining
         self.beta = float(beta)
+        self.box_loss = str(box_loss)
 
     def __call__(
         self,
@@ -352,10 +449,12 @@ class MultiBoxLoss:
             alpha=self.alpha,
             mining=self.mining,
             beta=self.beta,
+            box_loss=self.box_loss,
         )
 
     def __repr__(self) -> str:
         return (
             f"MultiBoxLoss(neg_pos_ratio={self.neg_pos_ratio}, n_neg_min={self.n_neg_min}, "
-            f"alpha={self.alpha}, beta={self.beta}, mining={self.mining!r}, coder={self.coder})"
+            f"alpha={self.alpha}, beta={self.beta}, mining={self.mining!r}, "
+            f"box_loss={self.box_loss!r}, coder={self.coder})"
         )

@@ -30,14 +30,22 @@ class SSDHead(DetectionHead):
     ``box_deltas [B, A, 4]`` decoded by ``BoxCoder(variances)``. Weights are Xavier
     uniform with zero bias, as in the Caffe SSD.
 
+    Loss (:class:`~ssdlit.heads.losses.MultiBoxLoss`): ``{"loss", "loss_cls",
+    "loss_box"}`` with ``loss = loss_cls + alpha * loss_box``. ``loss_box`` is, on the
+    positives only, smooth-L1 between ``box_deltas`` and the encoded matched gt
+    (``box_loss="smooth_l1"``, the paper), or an IoU loss of torchvision.ops between the
+    decoded boxes and the matched gt, both ``[P, 4]`` xyxy normalised
+    (``"giou"``, ``"diou"``, ``"ciou"``), or two summed (``"smooth_l1+giou"``).
+
     Args:
         in_channels, num_anchors, num_classes: see :class:`~ssdlit.heads.base.DetectionHead`.
         variances: the box coder's variances.
-        neg_pos_ratio, n_neg_min, alpha, mining, beta: the MultiBox loss options
-            (see :class:`~ssdlit.heads.losses.MultiBoxLoss`); by default 3 negatives
-            per positive, mined per image, and at least
+        neg_pos_ratio, n_neg_min, alpha, mining, beta, box_loss: the MultiBox loss
+            options (see :class:`~ssdlit.heads.losses.MultiBoxLoss`); by default 3
+            negatives per positive, mined per image, and at least
             :data:`~ssdlit.heads.losses.N_NEG_MIN` per image so that images without
-            objects teach the background too.
+            objects teach the background too; smooth-L1 box term weighted by ``alpha``
+            1. An unknown ``box_loss`` is a ``ValueError`` at construction.
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class SSDHead(DetectionHead):
         alpha: float = 1.0,
         mining: str = MINING,
         beta: float = 1.0,
+        box_loss: str = "smooth_l1",
     ) -> None:
         super().__init__(in_channels=in_channels, num_anchors=num_anchors, num_classes=num_classes)
         self.coder = BoxCoder(variances)
@@ -62,6 +71,7 @@ class SSDHead(DetectionHead):
             mining=mining,
             coder=self.coder,
             beta=beta,
+            box_loss=box_loss,
         )
         k = self.num_classes + 1
         self.cls_predictors = nn.ModuleList(
@@ -113,7 +123,8 @@ class SSDHead(DetectionHead):
         gt_labels: Tensor,
         anchors: Tensor,
     ) -> dict[str, Tensor]:
-        """The MultiBox loss: ``{"loss", "loss_cls", "loss_box"}``, normalised by the positives."""
+        """The MultiBox loss: ``{"loss", "loss_cls", "loss_box"}``, normalised by the positives
+        (``loss_box``: the configured ``box_loss``)."""
         return self.criterion(
             outputs["cls_logits"], outputs["box_deltas"], matches, gt_boxes, gt_labels, anchors
         )
