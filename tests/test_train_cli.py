@@ -279,3 +279,43 @@ def test_init_from_a_checkpoint_with_other_classes(trained, tmp_path, tiny):
         elif "num_batches_tracked" not in key and "running_" not in key:
             assert torch.equal(value, old["state_dict"][key]), key  # lr 0: as loaded
     assert checked >= 2
+
+
+def test_fit_and_val_fraction_through_the_cli(tmp_path, tiny):
+    """``fit`` (anchors, zoom-out, epochs of a budget) with ``data.val_fraction``: the fitted
+    values are logged, saved in fitted.yaml and config.yaml, and metrics.json reports the
+    selected checkpoint and the final weights on the test split, and the val images."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    proc = run(
+        "ssdlit.train",
+        [
+            *tiny.run(f"{tmp_path}/data", "trainer.max_epochs=4"),
+            "augment=ssd",
+            "data.val_fraction=0.25",
+            "data.val=null",
+            "fit={anchors: true, max_zoom: true, minutes: 0.25}",
+            "trainer.check_val_every_n_epoch=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    log = proc.stdout + proc.stderr
+    assert "data.val_fraction=0.25: validating on 4 of the 16 training images" in log
+    assert "fit: anchors fitted to the training boxes" in log and "fit: zoom out up to" in log
+    fitted = yaml.safe_load((run_dir / "fitted.yaml").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["anchors"]["scales"] == fitted["anchors"]["scales"]
+    assert config["augment"]["train"]["max_zoom"] == fitted["augment"]["train"]["max_zoom"]
+    assert config["trainer"]["max_epochs"] == fitted["trainer"]["max_epochs"] >= 1
+    assert config["trainer"]["max_time"] == "00:00:00:15"
+    assert f"fit: {fitted['trainer']['max_epochs']} epochs in 0.25 minutes" in log
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["val_split"]["val_ids"]) == 4
+    assert metrics["fitted"]["anchors"] == fitted["anchors"]
+    assert {"val", "test", "final", "weights"} <= set(metrics)
+    assert metrics["final"]["checkpoint"].endswith("last.ckpt")
+    assert set(metrics["final"]) >= {"val", "test"}
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["hyper_parameters"]["anchors"]["scales"] == fitted["anchors"]["scales"]

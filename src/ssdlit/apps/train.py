@@ -93,7 +93,18 @@ def fit_from_training_data(
     """Derive the anchors and the zoom-out range from the training part's boxes
     (:func:`ssdlit.fitting.fit_to_data`), write them into ``cfg`` and the datamodule's
     training pipeline, log them; returns what ``fitted.yaml`` records."""
+    train_aug = plain(cfg.get("augment") or {}).get("train") or {}
+    if (
+        options.get("max_zoom")
+        and (train_aug.get("name") if isinstance(train_aug, dict) else train_aug) != "ssd"
+    ):
+        raise UsageError(
+            "fit.max_zoom sets the zoom-out range of the ssd augmentation, but augment.train is "
+            f"{train_aug!r}: use augment=ssd, or set fit.max_zoom=false"
+        )
     boxes = normalised_boxes(datamodule.records("train"))
+    if boxes.shape[0] == 0:
+        raise UsageError("fit derives settings from the training boxes, and there are none")
     updates, lines = fit_to_data(
         options,
         boxes,

@@ -57,8 +57,8 @@ def measure_step_times(
     train_loader: Iterable[Any],
     val_loader: Iterable[Any] | None = None,
     *,
-    steps: int = 6,
-    warmup: int = 2,
+    steps: int = 10,
+    warmup: int = 3,
 ) -> StepTimes:
     """Time ``steps`` training steps and validation batches of ``module`` (a
     :class:`~ssdlit.module.DetectionModule`) on its loaders, after ``warmup`` untimed ones
