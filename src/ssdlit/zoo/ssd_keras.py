@@ -52,34 +52,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssdlit.datamodules.voc import VOC_CLASSES as DEVKIT_CLASSES
 from ssdlit.detector import Detector
 
 __all__ = ["N_BOXES", "SOURCES", "VOC_CLASSES", "detector_spec", "from_ssd_keras"]
 
-#: Pascal VOC's 20 object classes in ssd_keras's order (its class 0, ``background``,
-#: is ssdlit's implicit column 0): ssdlit label ``i`` (1..20) is ``VOC_CLASSES[i - 1]``.
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+#: Pascal VOC's 20 object classes in ssd_keras's order, which is the devkit's (its class 0,
+#: ``background``, is ssdlit's implicit column 0): ssdlit label ``i`` (1..20) is
+#: ``VOC_CLASSES[i - 1]``.
+VOC_CLASSES = DEVKIT_CLASSES
 
 #: The Keras layers whose outputs the predictors read, one per feature level.
 SOURCES: tuple[str, ...] = ("conv4_3_norm", "fc7", "conv6_2", "conv7_2", "conv8_2", "conv9_2")
