@@ -67,16 +67,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log.info("evaluating %s with %s", ckpt, where)
 
     split = str(cfg.split)
-    datamodule = build_datamodule(
-        nodes["data"],
-        nodes["augment"],
-        module.detector.image_size,
-        splits=[split],
-        rename={split: "test"},
-        # a split whose files lack a class still has the checkpoint's labels (torchvision's
-        # weights: the data's own names, picked from the file's by name below)
-        class_names=None if is_torchvision_weights(ckpt) else module.class_names,
-    )
+
+    def data(class_names: list[str] | None = None):
+        return build_datamodule(
+            nodes["data"],
+            nodes["augment"],
+            module.detector.image_size,
+            splits=[split],
+            rename={split: "test"},
+            class_names=class_names,
+        )
+
+    datamodule = data()
+    names = datamodule.class_names
+    if (
+        names != module.class_names
+        and set(names) <= set(module.class_names)
+        and not is_torchvision_weights(ckpt)
+    ):  # a split whose files lack some class: the checkpoint's labels for the ones it has
+        datamodule = data(module.class_names)
     if datamodule.class_names != module.class_names and is_torchvision_weights(ckpt):
         # torchvision's COCO detectors: the data's classes, each with its row of the file
         module = load_module(ckpt, class_names=datamodule.class_names, **options)
