@@ -598,13 +598,18 @@ def test_voc_variants_swap_components_of_the_ssd300_recipe(name, swapped):
     assert list(cfg.image_size) == [size, size]
 
 
-def test_raccoon_experiment(monkeypatch):
+def test_raccoon_experiment_is_small_data_on_raccoon(monkeypatch):
     monkeypatch.delenv("SSDLIT_RACCOON_DIR", raising=False)
     cfg = compose_cfg(["+experiment=raccoon"])
+    same = compose_cfg(["+experiment=small_data", "data=raccoon"])
+    assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(same, resolve=True)
     assert Path(cfg.data.root) == RACCOON.resolve()
     assert cfg.data.train.path == f"{cfg.data.root}/train_labels.csv"
-    assert cfg.data.val.path == cfg.data.test.path == f"{cfg.data.root}/test_labels.csv"
-    assert cfg.trainer.max_time == "00:00:25:00"
+    # the test images choose nothing: validation is a share of the training images, and the
+    # configured val file is served as the test split (tests/test_val_fraction.py)
+    assert cfg.data.val.path == f"{cfg.data.root}/test_labels.csv" and cfg.data.test is None
+    assert cfg.data.val_fraction == 0.15
+    assert cfg.fit.anchors and cfg.fit.max_zoom and cfg.fit.minutes == 25
     assert not cfg.backbone.get("pretrained", False)  # from random weights
     assert cfg.optim.name == "adamw" and cfg.optim.scheduler.name == "cosine"
     # The cosine schedule spans Lightning's step estimate, which needs a finite max_epochs.
