@@ -200,10 +200,13 @@ def test_named_weights_say_what_to_do_offline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    from ssdlit.apps.common import user_error_message
     from ssdlit.backbones import PretrainedWeightsError
 
     for name in NAMED_WEIGHTS:
-        with pytest.raises(PretrainedWeightsError, match=str(tmp_path / "checkpoints")):
+        with pytest.raises(PretrainedWeightsError, match=str(tmp_path / "checkpoints")) as info:
             load_named_weights(name)
+        assert "init_from=null" in str(info.value) and "pretrained=false" not in str(info.value)
+        assert user_error_message(info.value)  # the apps end with this one line, status 2
     with pytest.raises(ValueError, match="unknown weights"):
         load_named_weights("torchvision:yolo")

@@ -48,6 +48,7 @@ from hydra.errors import CompactHydraException, HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ssdlit.backbones.pretrained import PretrainedWeightsError
 from ssdlit.datamodules import DataError
 from ssdlit.module import DetectionModule
 from ssdlit.registry import ConfigError, RegistryError
@@ -95,6 +96,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RegistryError,
     ConfigError,
     FileNotFoundError,  # a data folder, file list or input the config names that is not there
+    PretrainedWeightsError,  # weights that cannot be downloaded (offline): where to put them
     OmegaConfBaseException,
     HydraException,
 )

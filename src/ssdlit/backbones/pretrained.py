@@ -35,12 +35,23 @@ def _hash_prefix(path: str) -> str | None:
     return match.group(1) if match else None
 
 
-def load_state_dict(weights: WeightsEnum, *, progress: bool = True) -> dict[str, Tensor]:
+#: How to go without downloaded weights, for a backbone's ImageNet weights.
+WITHOUT = (
+    "or run without pretrained weights: build the backbone with pretrained=false (in a Hydra "
+    "config, set the backbone's pretrained option to false)."
+)
+
+
+def load_state_dict(
+    weights: WeightsEnum, *, progress: bool = True, without: str = WITHOUT
+) -> dict[str, Tensor]:
     """The state dict of torchvision ``weights`` (e.g. ``VGG16_Weights.IMAGENET1K_V1``), on CPU.
 
     Downloads the file into the hub cache when it is not there yet, checking the hash
     prefix in its name (``vgg16-397923af.pth``) as torchvision does; a file already in
     the cache (put there by hand, say) is used as is, as torchvision does too.
+
+    ``without`` is the message's last clause: how to go without these weights.
 
     Raises:
         PretrainedWeightsError: (a ``RuntimeError``) naming the weights, the URL, the
@@ -59,9 +70,7 @@ def load_state_dict(weights: WeightsEnum, *, progress: bool = True) -> dict[str,
                 f"could not download the pretrained weights {name} from {weights.url}: "
                 f"{exc}. If this machine is offline, download that file elsewhere and place "
                 f"it at {path} (the torch hub cache, torch.hub.get_dir()/checkpoints = "
-                f"{os.path.dirname(path)}; TORCH_HOME moves it), or run without pretrained "
-                "weights: build the backbone with pretrained=false (in a Hydra config, set the "
-                "backbone's pretrained option to false)."
+                f"{os.path.dirname(path)}; TORCH_HOME moves it), {without}"
             ) from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -406,4 +406,9 @@ def load_named_weights(name: str, *, progress: bool = True) -> tuple[str, dict[s
     if name not in NAMED_WEIGHTS:
         raise ValueError(f"unknown weights {name!r}; expected one of {sorted(NAMED_WEIGHTS)}")
     arch = NAMED_WEIGHTS[name]
-    return arch, load_state_dict(_weights_enum(arch), progress=progress)
+    without = (
+        "or go without them: train from random weights (init_from=null, e.g. "
+        "+experiment=small_data), or give a torchvision .pth file you have "
+        "(init_from=PATH.pth, ckpt=PATH.pth)."
+    )
+    return arch, load_state_dict(_weights_enum(arch), progress=progress, without=without)
