@@ -129,3 +129,22 @@ def test_bad_variances():
         BoxCoder((0.1, 0.1, 0.2))
     with pytest.raises(ValueError):
         BoxCoder((0.1, 0.0, 0.2, 0.2))
+
+
+def test_coder_variances_are_made_once_per_dtype_and_device_and_not_pickled():
+    """The variances tensor is cached (copying it from the host every step would be a
+    host-device synchronisation on a GPU); one made while validating, in inference
+    mode, can still be saved for backward while training."""
+    import pickle
+
+    coder = BoxCoder((0.1, 0.1, 0.2, 0.2))
+    anchors = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    with torch.inference_mode():
+        coder.decode(torch.zeros(1, 4), anchors)  # validation first: the cache is filled
+    deltas = torch.tensor([[0.1, -0.2, 0.3, 0.1]], requires_grad=True)
+    coder.decode(deltas, anchors).sum().backward()  # fails with an inference tensor
+    assert deltas.grad is not None and torch.isfinite(deltas.grad).all()
+    assert coder._var(deltas) is coder._var(torch.zeros(2))  # made once for float32 / cpu
+    assert coder._var(deltas.double()).dtype == torch.float64
+    copy = pickle.loads(pickle.dumps(coder))
+    assert copy.variances == coder.variances and copy._vars == {}

@@ -115,12 +115,26 @@ class BoxCoder:
             raise ValueError(f"variances must be 4 positive numbers, got {variances}")
         self.variances = tuple(float(v) for v in variances)
         self.max_log_scale = float(max_log_scale)
+        self._vars: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def __repr__(self) -> str:
         return f"BoxCoder(variances={self.variances}, max_log_scale={self.max_log_scale:.4g})"
 
     def _var(self, ref: Tensor) -> Tensor:
-        return torch.tensor(self.variances, dtype=ref.dtype, device=ref.device)
+        """The variances ``[4]`` in ``ref``'s dtype and device, made once per pair:
+        copying them from the host in every step would be a host synchronisation on a
+        GPU. Made outside inference mode, so that a tensor first asked for while
+        validating can still be saved for backward while training."""
+        key = (ref.dtype, ref.device)
+        var = self._vars.get(key)
+        if var is None:
+            with torch.inference_mode(False):
+                var = torch.tensor(self.variances, dtype=ref.dtype, device=ref.device)
+            self._vars[key] = var
+        return var
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_vars": {}}  # the cached tensors are not state
 
     def encode(self, gt_cxcywh: Tensor, anchors_cxcywh: Tensor) -> Tensor:
         """Regression targets ``[..., 4]`` (dx, dy, dw, dh) of boxes against anchors.

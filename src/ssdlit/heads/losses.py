@@ -14,14 +14,10 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import (
-    complete_box_iou_loss,
-    distance_box_iou_loss,
-    generalized_box_iou_loss,
-)
 
 from ssdlit.anchors.matching import BACKGROUND, keys
 from ssdlit.boxes import BoxCoder, convert
+from ssdlit.heads.iou_losses import IOU_LOSSES, iou_loss
 
 __all__ = [
     "BOX_LOSSES",
@@ -41,14 +37,10 @@ __all__ = [
 MINING_MODES = ("per_image", "per_batch")
 
 #: The box terms of the MultiBox loss: smooth-L1 on the encoded deltas (the paper), or
-#: torchvision's generalized / distance / complete IoU loss on the decoded boxes. Two
-#: of them joined by "+" (``"smooth_l1+giou"``) are summed.
-BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou")
-_IOU_LOSSES = {
-    "giou": generalized_box_iou_loss,
-    "diou": distance_box_iou_loss,
-    "ciou": complete_box_iou_loss,
-}
+#: the generalized / distance / complete IoU loss on the decoded boxes
+#: (:mod:`ssdlit.heads.iou_losses`: torchvision.ops' values without its host reads).
+#: Two of them joined by "+" (``"smooth_l1+giou"``) are summed.
+BOX_LOSSES = ("smooth_l1", *IOU_LOSSES)
 #: The least width and height (normalised) of a decoded box in the IoU terms: a box
 #: decoded from very negative dw / dh (exp underflows to 0, or x2 - x1 rounds to 0)
 #: would give CIoU's aspect term 0 / 0 and NaN gradients. 1e-6 of the image is far
@@ -116,9 +108,11 @@ def box_loss_terms(box_loss: str) -> tuple[str, ...]:
 def iou_loss_sum(
     kind: str, deltas: Tensor, anchors: Tensor, gt_xyxy: Tensor, coder: BoxCoder
 ) -> Tensor:
-    """The IoU loss ``kind`` (``"giou"``, ``"diou"`` or ``"ciou"``: torchvision.ops'
-    ``generalized_box_iou_loss``, ``distance_box_iou_loss``, ``complete_box_iou_loss``)
-    summed over the rows, between the decoded predictions and their ground truth.
+    """The IoU loss ``kind`` (``"giou"``, ``"diou"`` or ``"ciou"``: the values of
+    torchvision.ops' ``generalized_box_iou_loss``, ``distance_box_iou_loss``,
+    ``complete_box_iou_loss``, by :func:`~ssdlit.heads.iou_losses.iou_loss`, which
+    makes no host read) summed over the rows, between the decoded predictions and their
+    ground truth.
 
     Args:
         deltas: ``[P, 4]`` predicted (dx, dy, dw, dh) of the positives.
@@ -132,8 +126,8 @@ def iou_loss_sum(
         :data:`MIN_BOX_SIZE` (finite values and gradients for degenerate boxes), and
         converted to xyxy. Rows are independent: no ``[B, A, 4]`` tensor is made.
     """
-    if kind not in _IOU_LOSSES:
-        raise ValueError(f"unknown IoU loss {kind!r}; expected one of {tuple(_IOU_LOSSES)}")
+    if kind not in IOU_LOSSES:
+        raise ValueError(f"unknown IoU loss {kind!r}; expected one of {IOU_LOSSES}")
     device = deltas.device
     dtype = torch.promote_types(deltas.dtype, torch.float32)
     exact = torch.autocast(device.type, enabled=False) if device.type != "meta" else nullcontext()
@@ -141,7 +135,7 @@ def iou_loss_sum(
         boxes = coder.decode(deltas.to(dtype), anchors.to(device=device, dtype=dtype))
         boxes = torch.cat((boxes[:, :2], boxes[:, 2:].clamp(min=MIN_BOX_SIZE)), dim=1)
         pred = convert(boxes, "cxcywh", "xyxy")  # [P, 4]
-        return _IOU_LOSSES[kind](pred, gt_xyxy.to(dtype), reduction="sum")
+        return iou_loss(kind, pred, gt_xyxy.to(dtype)).sum()
 
 
 def background_loss(cls_logits: Tensor) -> Tensor:

@@ -34,14 +34,15 @@ def greedy_bipartite(iou: Tensor) -> Tensor:
     b, g, a = iou.shape
     work = iou.clone()
     matches = torch.full((b, a), BACKGROUND, dtype=torch.long, device=iou.device)
-    image = torch.arange(b, device=iou.device)
+    # scatter_ with Python scalars, not indexed assignment: nothing here waits on the
+    # device (an indexed `= -1.0` copies the scalar from the host on every step).
     for _ in range(g):  # one pair per image and step
-        flat = work.view(b, g * a).argmax(dim=1)  # the first maximum: lowest gt, then anchor
-        live = work.view(b, g * a).gather(1, flat[:, None]).squeeze(1) >= 0
-        gt, anchor = flat // a, flat % a
-        matches[image, anchor] = torch.where(live, gt, matches[image, anchor])
-        work[image, gt, :] = -1.0  # the gt and the anchor are taken
-        work[image, :, anchor] = -1.0
+        flat = work.view(b, g * a).argmax(dim=1, keepdim=True)  # [B, 1] the first maximum:
+        live = work.view(b, g * a).gather(1, flat) >= 0  # lowest gt, then lowest anchor
+        gt, anchor = flat // a, flat % a  # [B, 1] each
+        matches.scatter_(1, anchor, torch.where(live, gt, matches.gather(1, anchor)))
+        work.scatter_(1, gt[:, :, None].expand(b, 1, a), -1.0)  # the gt is taken
+        work.scatter_(2, anchor[:, :, None].expand(b, g, 1), -1.0)  # and the anchor
     return matches
 
 
