@@ -162,3 +162,20 @@ def test_a_component_that_refuses_its_config_names_itself():
 
     with pytest.raises(SpecialError):
         reg.build("special")
+
+
+def test_a_key_for_another_component_says_how_to_drop_it():
+    """`+experiment=ssd300_voc matcher=faster_rcnn` keeps the experiment's SSD matcher
+    keys: the error names the key and the override that removes it."""
+    import ssdlit.anchors  # noqa: F401  (registers the matchers)
+    from ssdlit.detector import build_component
+    from ssdlit.registry import MATCHERS
+
+    with pytest.raises(ConfigError) as info:
+        build_component(
+            MATCHERS, {"name": "faster_rcnn", "matching": "multi", "neg_iou_limit": 0.5}
+        )
+    message = str(info.value)
+    assert "matcher 'faster_rcnn'" in message
+    assert "drop them with ~matcher.matching ~matcher.neg_iou_limit" in message
+    assert isinstance(info.value.__cause__, TypeError)

@@ -21,6 +21,7 @@ detector too: built with its anchors, rebuilt when the detector moves (``.to()``
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,7 +53,42 @@ def build_component(registry, spec: Mapping[str, Any] | None, **derived: Any) ->
             f"{registry.kind} {name!r}: {', '.join(twice)} are derived from the other parts "
             "and must not be set in its config"
         )
-    return registry.build(name, **kwargs, **derived)
+    try:
+        return registry.build(name, **kwargs, **derived)
+    except ConfigError as exc:
+        group = CONFIG_GROUPS.get(registry.kind)
+        unknown = _keys_not_taken(registry.get(name), kwargs) if group else []
+        if not unknown or "unexpected keyword argument" not in str(exc.__cause__):
+            raise
+        paths = [f"{group}.{key}" for key in unknown]
+        raise ConfigError(
+            f"{exc}. {registry.kind} {name!r} does not take {', '.join(paths)}: settings for "
+            f"another {registry.kind} (an experiment's, kept after {group}={name} on the "
+            f"command line?); drop them with {' '.join('~' + p for p in paths)}"
+        ) from exc.__cause__
+
+
+#: The config group of each component registry (the key path of its settings).
+CONFIG_GROUPS = {
+    "backbone": "backbone",
+    "anchor generator": "anchors",
+    "matcher": "matcher",
+    "head": "head",
+    "post-processor": "postprocess",
+}
+
+
+def _keys_not_taken(factory: Any, kwargs: Mapping[str, Any]) -> list[str]:
+    """The keys of ``kwargs`` that ``factory``'s signature has no parameter for (none
+    when it takes ``**kwargs`` or has no readable signature)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return []
+    names = {p.name for p in params}
+    return [key for key in kwargs if key not in names]
 
 
 class Detector(nn.Module):
