@@ -16,10 +16,22 @@ overrides it is about; one of the same key replaces the tiny run's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n auto`` in pyproject: one worker per core) each worker
+    gets its share of the cores for torch's intra-op threads, instead of every worker
+    starting as many threads as there are cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def replace(base: Iterable[str], *overrides: str) -> list[str]:

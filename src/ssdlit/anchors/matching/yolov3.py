@@ -29,6 +29,9 @@ class YOLOv3Matcher(Matcher):
     def __init__(self, ignore_threshold: float = 0.5) -> None:
         self.ignore_threshold = float(ignore_threshold)
 
+    def __repr__(self) -> str:
+        return f"YOLOv3Matcher(ignore_threshold={self.ignore_threshold})"
+
     def match(
         self,
         gt_boxes: Tensor,
