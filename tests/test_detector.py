@@ -297,3 +297,26 @@ def test_yolo_detector_hands_its_head_the_generators_grid():
     outputs = det.eval().raw(torch.zeros(1, 3, 64, 96, dtype=torch.uint8))
     outputs["box_deltas"] = torch.zeros_like(outputs["box_deltas"])
     torch.testing.assert_close(det.head.decode_boxes(outputs, det.anchors)[0], det.anchors)
+
+
+def test_test_flip_merges_the_mirrored_images_candidates_before_nms():
+    """candidates() with test_flip: the anchors' candidates, then the mirrored images'
+    with their boxes mirrored back (x -> 1 - x); forward post-processes all of them."""
+    torch.manual_seed(0)
+    det = tiny().eval()
+    assert det.test_flip is False
+    images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        scores, boxes = det.candidates(images)
+        mirror_scores, mirror_boxes = det.candidates(images.flip(-1))
+        det.test_flip = True
+        both_scores, both_boxes = det.candidates(images)
+        detections = det(images)
+    a = scores.shape[1]
+    assert both_scores.shape == (2, 2 * a, scores.shape[2])
+    torch.testing.assert_close(both_scores, torch.cat((scores, mirror_scores), dim=1))
+    x1, y1, x2, y2 = mirror_boxes.unbind(-1)
+    mirrored = torch.stack((1 - x2, y1, 1 - x1, y2), dim=-1)
+    torch.testing.assert_close(both_boxes, torch.cat((boxes, mirrored), dim=1))
+    expected = det.postprocess(both_scores, both_boxes)
+    assert all(torch.equal(d, e) for d, e in zip(detections, expected, strict=True))

@@ -303,3 +303,38 @@ def test_nms_in_runs_equals_one_nms_call(n, num_groups):
             _nms_in_runs(shifted_apart(boxes, groups), scores, groups, 0.45, run), one_call
         )
     assert torch.equal(grouped_nms(boxes, scores, groups, 0.45), one_call)
+
+
+# -- box voting ----------------------------------------------------------------------------
+
+
+def test_box_vote_exact_case():
+    """Kept box 0 votes with box 1 (same group, IoU 2/3 >= 0.5) but not with box 2 (IoU
+    1/4) nor box 3 (another group): (0.8 * b0 + 0.2 * b1) / 1.0."""
+    from ssdlit.postprocess import box_vote
+
+    boxes = torch.tensor(
+        [[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 6.0], [0.0, 0.0, 4.0, 1.0], [0.0, 0.0, 4.0, 4.0]]
+    )
+    scores = torch.tensor([0.8, 0.2, 0.5, 0.9])
+    groups = torch.tensor([0, 0, 0, 1])
+    keep = torch.tensor([0, 3])
+    voted = box_vote(boxes, scores, groups, keep, iou_min=0.5, rows=1)
+    torch.testing.assert_close(voted[0], torch.tensor([0.0, 0.0, 4.0, 4.4]))
+    torch.testing.assert_close(voted[1], boxes[3])  # alone in its group
+    assert box_vote(boxes, scores, groups, keep[:0], 0.5).shape == (0, 4)
+
+
+def test_voting_moves_kept_boxes_and_keeps_scores_and_labels():
+    scores = torch.zeros(1, 3, 2)
+    scores[0, :, 1] = torch.tensor([0.9, 0.6, 0.3])
+    scores[0, :, 0] = 1 - scores[0, :, 1]
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.1, 0.1, 0.5, 0.6], [0.6, 0.6, 0.9, 0.9]]])
+    plain = PerClassNMS()(scores, boxes)[0]
+    voted = PerClassNMS(vote_iou=0.5)(scores, boxes)[0]
+    assert torch.equal(plain[:, :2], voted[:, :2])  # the same detections, labels, scores
+    expected = (0.9 * boxes[0, 0] + 0.6 * boxes[0, 1]) / 1.5
+    torch.testing.assert_close(voted[0, 2:], expected)
+    torch.testing.assert_close(voted[1, 2:], boxes[0, 2])  # no voter but itself
+    with pytest.raises(ValueError, match="vote_iou"):
+        PerClassNMS(vote_iou=0.0)

@@ -319,3 +319,29 @@ def test_fit_and_val_fraction_through_the_cli(tmp_path, tiny):
     assert set(metrics["final"]) >= {"val", "test"}
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["hyper_parameters"]["anchors"]["scales"] == fitted["anchors"]["scales"]
+
+
+def test_evaluate_with_test_time_flip_and_box_voting(trained, tiny):
+    """`test_flip=true` and `postprocess={vote_iou: ...}` run through the command line;
+    the result is the same checkpoint's, evaluated on the same images."""
+    ckpt = trained / "run" / "checkpoints" / "best.ckpt"
+    run(
+        "ssdlit.evaluate",
+        [
+            f"ckpt={ckpt}",
+            "data=synthetic",
+            f"data.source.root={trained}/data",
+            *tiny.replace(tiny.data, *LEARN_DATA),
+            "data.num_workers=0",
+            "data.persistent_workers=false",
+            "split=test",
+            "test_flip=true",
+            "+postprocess={vote_iou: 0.6}",
+            f"output={trained}/eval_flip.json",
+            f"hydra.run.dir={trained}/eval_flip",
+        ],
+        trained,
+    )
+    result = json.loads((trained / "eval_flip.json").read_text())
+    assert result["split"] == "test" and result["images"] == 16
+    assert 0.0 <= result["summary"]["voc07_map50"] <= 1.0

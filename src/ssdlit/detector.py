@@ -104,6 +104,10 @@ class Detector(nn.Module):
         clip_boxes: clamp decoded boxes to the image before NMS.
         sampler: optional :class:`~ssdlit.anchors.matching.MatchSampler` applied to the
             matches before the head's loss (Faster R-CNN's 256 anchors per image).
+        test_flip: at inference (:meth:`forward`, :meth:`candidates`), also run the
+            horizontally mirrored images and add their boxes, mirrored back, to the
+            candidates before post-processing (test-time augmentation; twice the network
+            work). Training and the loss are unchanged.
     """
 
     anchors: Tensor
@@ -120,9 +124,11 @@ class Detector(nn.Module):
         matcher: Any = None,
         clip_boxes: bool = True,
         sampler: MatchSampler | None = None,
+        test_flip: bool = False,
     ) -> None:
         super().__init__()
         self.sampler = sampler
+        self.test_flip = bool(test_flip)
         self.backbone = backbone
         self.anchor_generator = anchor_generator
         self.head = head
@@ -165,6 +171,7 @@ class Detector(nn.Module):
         postprocess: Mapping[str, Any] | None = None,
         matcher: Mapping[str, Any] | None = None,
         clip_boxes: bool = True,
+        test_flip: bool = False,
     ) -> Detector:
         """Build every part from ``{name: ..., **kwargs}`` specs, deriving the rest.
 
@@ -192,7 +199,17 @@ class Detector(nn.Module):
         sampling = spec.pop("sampling", None)
         mt = build_component(MATCHERS, spec) if matcher is not None else None
         sampler = MatchSampler(**sampling) if sampling else None
-        return cls(bb, gen, hd, pp, size, matcher=mt, clip_boxes=clip_boxes, sampler=sampler)
+        return cls(
+            bb,
+            gen,
+            hd,
+            pp,
+            size,
+            matcher=mt,
+            clip_boxes=clip_boxes,
+            sampler=sampler,
+            test_flip=test_flip,
+        )
 
     @torch.no_grad()
     def _probe_feature_sizes(self) -> list[tuple[int, int]]:
@@ -285,10 +302,26 @@ class Detector(nn.Module):
             boxes = boxes.clamp(0.0, 1.0)
         return scores, boxes
 
+    def candidates(
+        self, images: Tensor, outputs: Mapping[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """What post-processing chooses from: ``scores [B, N, C+1]`` and boxes ``[B, N, 4]``
+        xyxy normalised, N = A, or 2A with :attr:`test_flip` (the anchors' candidates of
+        ``images``, then those of the mirrored images with their boxes mirrored back).
+
+        ``outputs``: :meth:`raw` of ``images`` when the caller has it already.
+        """
+        scores, boxes = self.decode(self.raw(images) if outputs is None else outputs)
+        if not self.test_flip:
+            return scores, boxes
+        flip_scores, flip_boxes = self.decode(self.raw(images.flip(-1)))
+        x1, y1, x2, y2 = flip_boxes.unbind(-1)
+        mirrored = torch.stack((1 - x2, y1, 1 - x1, y2), dim=-1)
+        return torch.cat((scores, flip_scores), dim=1), torch.cat((boxes, mirrored), dim=1)
+
     def forward(self, images: Tensor) -> list[Tensor]:
         """Detections per image: list of ``[k, 6]`` (label, score, x1, y1, x2, y2) normalised."""
-        scores, boxes = self.decode(self.raw(images))
-        return self.postprocess(scores, boxes)
+        return self.postprocess(*self.candidates(images))
 
     def loss(
         self, outputs: Mapping[str, Tensor], gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor

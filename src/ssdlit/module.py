@@ -198,8 +198,7 @@ class DetectionModule(pl.LightningModule):
         if self.detector.matcher is not None and "boxes" in batch:
             losses = self._losses(batch, outputs)
             self.log(f"{stage}/loss", losses["loss"], on_step=False, on_epoch=True, batch_size=bs)
-        scores, boxes = self.detector.decode(outputs)
-        detections = self.detector.postprocess(scores, boxes)
+        detections = self.detector.postprocess(*self.detector.candidates(batch["images"], outputs))
         preds, targets = batch_to_metric_inputs(detections, batch)
         evaluator.update(preds, targets)
         return detections

@@ -42,11 +42,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import batched_nms, box_iou, nms
 
 from ssdlit.registry import POSTPROCESS
 
-__all__ = ["GlobalNMS", "PerClassNMS", "grouped_nms", "rank_within_groups"]
+__all__ = ["GlobalNMS", "PerClassNMS", "box_vote", "grouped_nms", "rank_within_groups"]
 
 
 #: Score rows folded into one maximum by the candidate search of :class:`PerClassNMS`
@@ -146,6 +146,38 @@ def _at_most_per_image(img: Tensor, b: int, k: int) -> bool:
     return img.numel() <= k or int(torch.bincount(img, minlength=b).max()) <= k
 
 
+def box_vote(
+    boxes: Tensor, scores: Tensor, groups: Tensor, keep: Tensor, iou_min: float, rows: int = 64
+) -> Tensor:
+    """Box voting (Gidaris & Komodakis, 2015): each kept box becomes the score-weighted
+    mean of the candidates of its group (image and class) whose IoU with it is at least
+    ``iou_min``, itself included. Scores are unchanged.
+
+    Args:
+        boxes: ``[M, 4]`` xyxy candidates; scores ``[M]`` (positive); groups ``[M]``.
+        keep: ``[K]`` indices of the boxes NMS kept.
+        iou_min: the least IoU of a voter.
+        rows: kept boxes per block (a block is a ``[rows, M]`` IoU matrix).
+    Returns:
+        ``[K, 4]`` the voted boxes, in ``boxes``' dtype.
+    """
+    if keep.numel() == 0:
+        return boxes[keep]
+    work = boxes.float()
+    weight = scores.float()
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    step = keep.shape[0] if tracing else rows
+    out = []
+    for start in range(0, keep.shape[0], step):
+        k = keep[start : start + step]  # [r]
+        iou = box_iou(work.index_select(0, k), work)  # [r, M]
+        mine = groups.index_select(0, k)[:, None] == groups[None, :]
+        itself = k[:, None] == torch.arange(work.shape[0], device=k.device)[None, :]
+        w = torch.where((mine & (iou >= iou_min)) | itself, weight[None, :], 0.0)  # [r, M]
+        out.append((w @ work) / w.sum(dim=1, keepdim=True))
+    return torch.cat(out).to(boxes.dtype)
+
+
 class _NMSBase(ABC):
     """Shared chunked NMS over flattened candidates."""
 
@@ -156,9 +188,13 @@ class _NMSBase(ABC):
         top_k: int | None = 200,
         nms_max_output_size: int | None = 400,
         initial_chunk: int = 256,
+        vote_iou: float | None = None,
     ) -> None:
         if not 0 <= confidence_thresh < 1:
             raise ValueError(f"confidence_thresh must be in [0, 1), got {confidence_thresh}")
+        if vote_iou is not None and not 0 < vote_iou <= 1:
+            raise ValueError(f"vote_iou must be in (0, 1] or None, got {vote_iou}")
+        self.vote_iou = None if vote_iou is None else float(vote_iou)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be positive or None, got {top_k}")
         self.confidence_thresh = float(confidence_thresh)
@@ -307,7 +343,11 @@ class _NMSBase(ABC):
         cand_boxes = boxes[img, box_idx]  # [M, 4]
         groups = img * num_labels + self._nms_group(labels)
         keep = grouped_nms(cand_boxes.float(), vals.float(), groups, self.iou_threshold)
+        if self.vote_iou is not None:
+            voted = box_vote(cand_boxes, vals, groups, keep, self.vote_iou)
         img, vals, labels, cand_boxes = img[keep], vals[keep], labels[keep], cand_boxes[keep]
+        if self.vote_iou is not None:
+            cand_boxes = voted
         # The per-class cap can only bite when top_k exceeds it: a survivor ranked past the
         # cap in its class has `cap` better survivors in the image already.
         cap = self.nms_max_output_size
@@ -337,6 +377,9 @@ class PerClassNMS(_NMSBase):
         top_k: best detections kept per image after NMS (200; None keeps all).
         nms_max_output_size: survivors kept per class and image (400; None: no cap).
         pre_nms_top_k: optional per-class cap before NMS (Caffe's ``top_k``); off by default.
+        vote_iou: box voting (:func:`box_vote`): each kept box becomes the score-weighted
+            mean of its class's candidates with IoU >= ``vote_iou`` with it; None (the
+            default): off.
     """
 
     def __init__(
@@ -347,9 +390,10 @@ class PerClassNMS(_NMSBase):
         nms_max_output_size: int | None = 400,
         pre_nms_top_k: int | None = None,
         initial_chunk: int = 256,
+        vote_iou: float | None = None,
     ) -> None:
         super().__init__(
-            confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk
+            confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk, vote_iou
         )
         self.pre_nms_top_k = pre_nms_top_k
 
@@ -438,9 +482,10 @@ class GlobalNMS(_NMSBase):
         top_k: int | None = 200,
         nms_max_output_size: int | None = None,
         initial_chunk: int = 256,
+        vote_iou: float | None = None,
     ) -> None:
         super().__init__(
-            confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk
+            confidence_thresh, iou_threshold, top_k, nms_max_output_size, initial_chunk, vote_iou
         )
 
     def _candidates(self, scores: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -147,7 +147,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     set_threads(cfg.get("threads"))
     ckpt = checkpoint_path(cfg.ckpt)  # both inputs checked before the slow part
     records = find_images(plain(cfg.input))
-    module = load_module(ckpt)
+    module = load_module(ckpt, test_flip=bool(cfg.get("test_flip", False)))
     out_dir = Path(str(cfg.output)) if cfg.get("output") else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device"))

@@ -76,7 +76,7 @@ def measure_step_times(
 
     @torch.no_grad()
     def val_step(batch: dict[str, Any]) -> None:
-        scores, boxes = detector.decode(detector.raw(batch["images"]))
+        scores, boxes = detector.candidates(batch["images"])
         detector.postprocess(scores, boxes)
 
     try:
