@@ -59,10 +59,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     set_threads(cfg.get("threads"))
     out_dir = run_dir(cfg)
     ckpt = Path(str(cfg.ckpt))
-    options: dict[str, Any] = {
-        "postprocess_options": plain(cfg.get("postprocess")),
-        "test_flip": bool(cfg.get("test_flip", False)),
-    }
+    options: dict[str, Any] = {"postprocess_options": plain(cfg.get("postprocess"))}
+    if cfg.get("test_flip") is not None:  # null: the checkpoint's own setting
+        options["test_flip"] = bool(cfg.test_flip)
     if cfg.get("metrics") is not None:
         options["metrics"] = plain(cfg.metrics)
     module = load_module(ckpt, **options)

@@ -147,7 +147,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     set_threads(cfg.get("threads"))
     ckpt = checkpoint_path(cfg.ckpt)  # both inputs checked before the slow part
     records = find_images(plain(cfg.input))
-    module = load_module(ckpt, test_flip=bool(cfg.get("test_flip", False)))
+    flip = cfg.get("test_flip")  # null: the checkpoint's own setting
+    module = load_module(ckpt, **({} if flip is None else {"test_flip": bool(flip)}))
     out_dir = Path(str(cfg.output)) if cfg.get("output") else run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device"))
