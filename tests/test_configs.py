@@ -609,7 +609,7 @@ def test_raccoon_experiment_is_small_data_on_raccoon(monkeypatch):
     # configured val file is served as the test split (tests/test_val_fraction.py)
     assert cfg.data.val.path == f"{cfg.data.root}/test_labels.csv" and cfg.data.test is None
     assert cfg.data.val_fraction == 0.15
-    assert cfg.fit.anchors and cfg.fit.max_zoom and cfg.fit.minutes == 25
+    assert cfg.fit.anchors and cfg.fit.max_zoom and cfg.fit.precision and cfg.fit.minutes == 25
     assert not cfg.backbone.get("pretrained", False)  # from random weights
     assert cfg.optim.name == "adamw" and cfg.optim.scheduler.name == "cosine"
     # The cosine schedule spans Lightning's step estimate, which needs a finite max_epochs.

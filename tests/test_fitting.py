@@ -128,9 +128,8 @@ def test_fit_to_data_gives_config_updates_and_lines():
     assert only_zoom == {"augment": {"train": {"max_zoom": fit_max_zoom(boxes, SIZE, 0.08)}}}
 
 
-def test_measuring_step_times_leaves_the_module_as_it_was():
+def _timing_module_and_batch():
     from ssdlit.module import DetectionModule
-    from ssdlit.training.calibration import measure_step_times
 
     module = DetectionModule(
         class_names=["a"],
@@ -140,7 +139,6 @@ def test_measuring_step_times_leaves_the_module_as_it_was():
         head={"name": "ssd"},
         matcher={"name": "ssd"},
     )
-    before = {k: v.clone() for k, v in module.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     batch = {
         "images": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=gen),
@@ -148,10 +146,51 @@ def test_measuring_step_times_leaves_the_module_as_it_was():
         "labels": torch.ones(2, 1, dtype=torch.long),
         "mask": torch.ones(2, 1, dtype=torch.bool),
     }
-    times = measure_step_times(module, [batch, batch, batch], [batch], steps=3, warmup=1)
+    return module, batch
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_measuring_step_times_leaves_the_module_as_it_was(precision):
+    from ssdlit.training.calibration import measure_step_times
+
+    module, batch = _timing_module_and_batch()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    dtypes = []
+    raw = module.detector.raw
+    module.detector.raw = lambda images: (
+        dtypes.append(raw(images)["cls_logits"].dtype) or raw(images)
+    )
+    times = measure_step_times(
+        module, [batch, batch, batch], [batch], steps=3, warmup=1, precision=precision
+    )
     assert times.train_step > 0 and times.val_batch > 0
     assert (times.train_batches, times.val_batches) == (3, 1)
     assert times.validation() == pytest.approx(times.val_batch)
+    # the steps ran in the precision asked for
+    want = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    assert dtypes and set(dtypes) == {want}
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), key  # BatchNorm statistics included
     assert all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize(("speedup", "chosen"), [(0.0, "bf16-mixed"), (1e9, "32-true")])
+def test_choosing_the_precision_compares_measured_steps(monkeypatch, speedup, chosen):
+    """bf16-mixed only where float32 takes at least MIXED_SPEEDUP times as long (0: always;
+    a billion: never), from a measurement of each on the run's loader."""
+    from ssdlit.training import calibration
+
+    module, batch = _timing_module_and_batch()
+    monkeypatch.setattr(calibration, "MIXED_SPEEDUP", speedup)
+    precision, seconds = calibration.choose_precision(module, [batch] * 3, steps=2, warmup=1)
+    assert precision == chosen
+    assert set(seconds) == {"32-true", "bf16-mixed"} and min(seconds.values()) > 0
+
+
+def test_unknown_fit_options_are_refused():
+    from ssdlit.apps.common import UsageError
+    from ssdlit.apps.train import check_fit_options
+
+    check_fit_options({"anchors": True, "max_zoom": True, "precision": True, "minutes": 25})
+    with pytest.raises(UsageError, match=r"unknown key\(s\) precison; fit takes anchors"):
+        check_fit_options({"anchors": True, "precison": True})

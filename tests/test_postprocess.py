@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchvision.ops import nms
 
 from ssdlit.postprocess import (
@@ -323,6 +325,33 @@ def test_box_vote_exact_case():
     torch.testing.assert_close(voted[0], torch.tensor([0.0, 0.0, 4.0, 4.4]))
     torch.testing.assert_close(voted[1], boxes[3])  # alone in its group
     assert box_vote(boxes, scores, groups, keep[:0], 0.5).shape == (0, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    num_groups=st.integers(1, 6),
+    rows=st.sampled_from([1, 3, 64]),
+    iou_min=st.sampled_from([0.3, 0.5, 0.8]),
+    seed=st.integers(0, 2**16),
+)
+def test_box_vote_within_group_windows_equals_the_whole_matrix(n, num_groups, rows, iou_min, seed):
+    """Voting block by block against each block's own groups' candidates gives what one
+    [K, M] matrix against every candidate gives (the formula, group mask included), for
+    kept boxes in any order; the traced path is that matrix."""
+    from ssdlit.postprocess import _vote_block, box_vote
+
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * 8
+    boxes = torch.cat((xy, xy + 0.5 + torch.rand(n, 2, generator=gen) * 4), dim=1)
+    # few distinct positions: many overlapping voters
+    boxes = torch.round(boxes * 2) / 2
+    scores = torch.rand(n, generator=gen) + 0.01
+    groups = torch.randint(0, num_groups, (n,), generator=gen)
+    keep = torch.randperm(n, generator=gen)[: max(1, n // 3)]
+    want = _vote_block(boxes, scores, groups, keep, iou_min)
+    got = box_vote(boxes, scores, groups, keep, iou_min, rows=rows)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
 def test_voting_moves_kept_boxes_and_keeps_scores_and_labels():

@@ -67,3 +67,21 @@ def test_bf16_mixed_trains_a_few_steps_on_the_cpu(tmp_path):
     )
     trainer.fit(module, train_dataloaders=loader)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+
+def test_decoding_under_bf16_autocast_is_float32():
+    """Scores and boxes come out in float32 under autocast: the bfloat16 network outputs
+    widened, then decoded with autocast off (not rounded to bfloat16's 8-bit mantissa)."""
+    det = tiny_module().detector.eval()
+    images = tiny_batch(2)["images"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = det.raw(images)
+        scores, boxes = det.decode(outputs)
+    assert outputs["box_deltas"].dtype == torch.bfloat16
+    assert scores.dtype == torch.float32 and boxes.dtype == torch.float32
+    wide = {k: v.float() for k, v in outputs.items()}
+    with torch.no_grad():
+        want_scores, want_boxes = det.decode(wide)
+    assert torch.equal(scores, want_scores) and torch.equal(boxes, want_boxes)
+    # bfloat16 boxes would sit on a grid of 2**-8 near 1; these do not
+    assert not torch.equal(boxes, boxes.bfloat16().float())

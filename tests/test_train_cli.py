@@ -295,7 +295,7 @@ def test_fit_and_val_fraction_through_the_cli(tmp_path, tiny):
             "augment=ssd",
             "data.val_fraction=0.25",
             "data.val=null",
-            "fit={anchors: true, max_zoom: true, minutes: 0.25}",
+            "fit={anchors: true, max_zoom: true, precision: true, minutes: 0.25}",
             "trainer.check_val_every_n_epoch=1",
             f"hydra.run.dir={run_dir}",
         ],
@@ -311,6 +311,11 @@ def test_fit_and_val_fraction_through_the_cli(tmp_path, tiny):
     assert config["trainer"]["max_epochs"] == fitted["trainer"]["max_epochs"] >= 1
     assert config["trainer"]["max_time"] == "00:00:00:15"
     assert f"fit: {fitted['trainer']['max_epochs']} epochs in 0.25 minutes" in log
+    # the faster of float32 and bf16-mixed on this CPU, timed, then trained in
+    assert config["trainer"]["precision"] == fitted["trainer"]["precision"]
+    assert fitted["trainer"]["precision"] in ("32-true", "bf16-mixed")
+    assert f"fit: precision {fitted['trainer']['precision']} (measured:" in log
+    assert set(fitted["trainer"]["precision_seconds_per_step"]) == {"32-true", "bf16-mixed"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["val_split"]["val_ids"]) == 4
     assert metrics["fitted"]["anchors"] == fitted["anchors"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -34,6 +35,14 @@ from ssdlit.boxes import convert
 from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS, ConfigError
 
 __all__ = ["Detector", "build_component"]
+
+
+def _widened(value: Any) -> Any:
+    """A floating-point tensor narrower than float32 (autocast's bfloat16 / float16) as
+    float32; anything else unchanged."""
+    if isinstance(value, Tensor) and value.is_floating_point() and value.element_size() < 4:
+        return value.float()
+    return value
 
 
 def build_component(registry, spec: Mapping[str, Any] | None, **derived: Any) -> Any:
@@ -295,11 +304,20 @@ class Detector(nn.Module):
         return self.head(self.backbone(self.normalize(images)))
 
     def decode(self, outputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``scores [B, A, C+1]`` and boxes ``[B, A, 4]`` xyxy normalised from raw outputs."""
-        scores = self.head.scores(outputs)
-        boxes = convert(self.head.decode_boxes(outputs, self.anchors), "cxcywh", "xyxy")
-        if self.clip_boxes:
-            boxes = boxes.clamp(0.0, 1.0)
+        """``scores [B, A, C+1]`` and boxes ``[B, A, 4]`` xyxy normalised from raw outputs.
+
+        In float32 (or wider) with autocast off, whatever precision the network ran in:
+        bfloat16 holds 8 bits of mantissa, about 1/256 of the image at a box edge near the
+        right or bottom side, and ties the scores that average precision ranks.
+        """
+        exact = {k: _widened(v) for k, v in outputs.items()}
+        device = next(iter(exact.values())).device if exact else self.anchors.device
+        off = torch.autocast(device.type, enabled=False) if device.type != "meta" else nullcontext()
+        with off:
+            scores = self.head.scores(exact)
+            boxes = convert(self.head.decode_boxes(exact, self.anchors), "cxcywh", "xyxy")
+            if self.clip_boxes:
+                boxes = boxes.clamp(0.0, 1.0)
         return scores, boxes
 
     def candidates(

@@ -157,25 +157,55 @@ def box_vote(
         boxes: ``[M, 4]`` xyxy candidates; scores ``[M]`` (positive); groups ``[M]``.
         keep: ``[K]`` indices of the boxes NMS kept.
         iou_min: the least IoU of a voter.
-        rows: kept boxes per block (a block is a ``[rows, M]`` IoU matrix).
+        rows: kept boxes per block.
     Returns:
         ``[K, 4]`` the voted boxes, in ``boxes``' dtype.
+
+    How: candidates and kept boxes are ordered by group, so that a block of ``rows``
+    kept boxes compares with the candidates of its own groups only (a ``[rows, m]`` IoU
+    matrix, m the candidates of those groups, not of the whole batch: an untrained
+    network's thousands of candidates per image stay cheap). Traced for export: one
+    ``[K, M]`` matrix, without the host reads that find the windows.
     """
     if keep.numel() == 0:
         return boxes[keep]
     work = boxes.float()
     weight = scores.float()
-    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    step = keep.shape[0] if tracing else rows
-    out = []
-    for start in range(0, keep.shape[0], step):
-        k = keep[start : start + step]  # [r]
-        iou = box_iou(work.index_select(0, k), work)  # [r, M]
-        mine = groups.index_select(0, k)[:, None] == groups[None, :]
-        itself = k[:, None] == torch.arange(work.shape[0], device=k.device)[None, :]
-        w = torch.where((mine & (iou >= iou_min)) | itself, weight[None, :], 0.0)  # [r, M]
-        out.append((w @ work) / w.sum(dim=1, keepdim=True))
-    return torch.cat(out).to(boxes.dtype)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _vote_block(work, weight, groups, keep, iou_min).to(boxes.dtype)
+    order = torch.argsort(groups, stable=True)  # candidates by group
+    work, weight, groups = work[order], weight[order], groups[order]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    kept = position[keep]  # the kept boxes' rows in the ordered candidates
+    by_group = torch.argsort(kept)  # kept boxes by group (their rows ascend with it)
+    kept = kept[by_group]
+    # each kept box's group window [first, last] among the ordered candidates
+    first = torch.searchsorted(groups, groups[kept], side="left")
+    last = torch.searchsorted(groups, groups[kept], side="right")
+    bounds = torch.stack((first, last), dim=1).tolist()
+    voted = torch.empty(kept.shape[0], 4, dtype=work.dtype, device=work.device)
+    for start in range(0, kept.shape[0], rows):
+        stop = min(start + rows, kept.shape[0])
+        lo, hi = bounds[start][0], bounds[stop - 1][1]
+        voted[start:stop] = _vote_block(
+            work[lo:hi], weight[lo:hi], groups[lo:hi], kept[start:stop] - lo, iou_min
+        )
+    out = torch.empty_like(voted)
+    out[by_group] = voted
+    return out.to(boxes.dtype)
+
+
+def _vote_block(
+    boxes: Tensor, weight: Tensor, groups: Tensor, keep: Tensor, iou_min: float
+) -> Tensor:
+    """:func:`box_vote` of the kept rows ``keep [r]`` against the candidates ``boxes
+    [m, 4]`` (float), ``weight [m]``, ``groups [m]``: ``[r, 4]``."""
+    iou = box_iou(boxes.index_select(0, keep), boxes)  # [r, m]
+    mine = groups.index_select(0, keep)[:, None] == groups[None, :]
+    itself = keep[:, None] == torch.arange(boxes.shape[0], device=keep.device)[None, :]
+    w = torch.where((mine & (iou >= iou_min)) | itself, weight[None, :], 0.0)  # [r, m]
+    return (w @ boxes) / w.sum(dim=1, keepdim=True)
 
 
 class _NMSBase(ABC):

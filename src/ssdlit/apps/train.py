@@ -57,8 +57,8 @@ from ssdlit.fitting import fit_epochs, fit_to_data
 from ssdlit.inspection import normalised_boxes
 from ssdlit.metrics import format_ap_table
 from ssdlit.module import DetectionModule
-from ssdlit.training.builders import build_callbacks, build_loggers, build_trainer
-from ssdlit.training.calibration import measure_step_times
+from ssdlit.training.builders import build_callbacks, build_loggers, build_trainer, runs_on_cpu
+from ssdlit.training.calibration import choose_precision, measure_step_times
 from ssdlit.training.callbacks import NonFiniteLossError
 from ssdlit.transfer import init_from_checkpoint
 from ssdlit.visualize import predictions_picture
@@ -127,6 +127,51 @@ def fit_from_training_data(
     return {"boxes": int(boxes.shape[0]), **updates}
 
 
+#: The keys of the ``fit`` config (experiment/small_data.yaml); any other is refused.
+FIT_OPTIONS = ("anchors", "max_zoom", "minutes", "precision")
+
+
+def check_fit_options(options: dict[str, Any]) -> None:
+    """A :class:`UsageError` naming the keys of ``fit`` that no fitting reads (a typo
+    would otherwise leave its setting silently unfitted)."""
+    unknown = sorted(set(options) - set(FIT_OPTIONS))
+    if unknown:
+        raise UsageError(
+            f"fit: unknown key(s) {', '.join(unknown)}; fit takes {', '.join(FIT_OPTIONS)}"
+        )
+
+
+def fit_precision(
+    cfg: DictConfig, module: DetectionModule, datamodule: DetectionDataModule
+) -> dict[str, Any]:
+    """``fit.precision``: on a CPU run configured in float32, time a training step in
+    float32 and under bfloat16 autocast (:func:`ssdlit.training.calibration.choose_precision`)
+    and set ``trainer.precision`` to ``bf16-mixed`` where that is clearly faster (CPUs
+    with bfloat16 matrix instructions); elsewhere the configured precision stays. Returns
+    what ``fitted.yaml`` records."""
+    configured = str(cfg.trainer.get("precision", "32-true"))
+    if not runs_on_cpu(cfg.trainer.get("accelerator", "auto")):
+        log.info("fit: precision %s kept (fit.precision compares on the CPU only)", configured)
+        return {"precision": configured}
+    if configured not in ("32", "32-true"):
+        log.info("fit: precision %s kept (trainer.precision is set)", configured)
+        return {"precision": configured}
+    datamodule.setup("fit")
+    chosen, seconds = choose_precision(module, datamodule.train_dataloader())
+    with open_dict(cfg):
+        cfg.trainer.precision = chosen
+    log.info(
+        "fit: precision %s (measured: %.3f s a training step in float32, %.3f s in bf16-mixed)",
+        chosen,
+        seconds["32-true"],
+        seconds["bf16-mixed"],
+    )
+    return {
+        "precision": chosen,
+        "precision_seconds_per_step": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
 def fit_epochs_to_budget(
     cfg: DictConfig, module: DetectionModule, datamodule: DetectionDataModule, minutes: float
 ) -> dict[str, Any]:
@@ -134,7 +179,12 @@ def fit_epochs_to_budget(
     times, :func:`ssdlit.fitting.fit_epochs`) and ``trainer.max_time`` to ``minutes``."""
     datamodule.setup("fit")
     val_loader = datamodule.val_dataloader() or None
-    times = measure_step_times(module, datamodule.train_dataloader(), val_loader)
+    times = measure_step_times(
+        module,
+        datamodule.train_dataloader(),
+        val_loader,
+        precision=cfg.trainer.get("precision", "32-true"),
+    )
     every = int(cfg.trainer.get("check_val_every_n_epoch") or 1)
     epochs = fit_epochs(
         float(minutes) * 60.0,
@@ -198,12 +248,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg.data, cfg.get("augment"), cfg.image_size)
     fit_options = plain(cfg.get("fit")) or {}
+    check_fit_options(fit_options)
     fitted = fit_from_training_data(cfg, datamodule, fit_options) if fit_options else {}
     module = DetectionModule.from_config(cfg, datamodule.class_names)
     if cfg.get("init_from"):
         log.info(init_from(module, cfg.init_from))
+    if fit_options.get("precision"):
+        fitted["trainer"] = fit_precision(cfg, module, datamodule)
     if fit_options.get("minutes"):
-        fitted["trainer"] = fit_epochs_to_budget(cfg, module, datamodule, fit_options["minutes"])
+        budget = fit_epochs_to_budget(cfg, module, datamodule, fit_options["minutes"])
+        fitted["trainer"] = {**fitted.get("trainer", {}), **budget}
     if fitted:
         save_config(cfg, out_dir / "config.yaml")  # with the fitted values
         save_config(OmegaConf.create(json_safe(fitted)), out_dir / "fitted.yaml")

@@ -115,7 +115,7 @@ def build_callbacks(
     return out, best
 
 
-def _runs_on_cpu(accelerator: Any) -> bool:
+def runs_on_cpu(accelerator: Any) -> bool:
     """Whether Lightning's ``accelerator`` choice lands on the CPU here."""
     name = str(accelerator or "auto").lower()
     if name == "cpu":
@@ -139,7 +139,7 @@ def build_trainer(
     keeping its own BatchNorm statistics.
     """
     options = plain(trainer) or {}
-    if options.get("sync_batchnorm") and _runs_on_cpu(options.get("accelerator", "auto")):
+    if options.get("sync_batchnorm") and runs_on_cpu(options.get("accelerator", "auto")):
         log.info("sync_batchnorm is off: SyncBatchNorm needs GPUs and this run is on the CPU")
         options["sync_batchnorm"] = False
     return pl.Trainer(
