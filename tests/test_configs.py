@@ -1,7 +1,8 @@
 """Every config group option and every experiment composes (Hydra's compose API) and
 builds: components from the registries, the Detector for the base config and every
 experiment, datamodules where the data can be made (or is) local. No forward pass
-beyond the Detector's one-image probe; ``pretrained`` stays false."""
+beyond the Detector's one-image probe, and no weight initialisation
+(:func:`tests.fast_builds.no_weight_init`); ``pretrained`` stays false."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ssdlit.registry import ANCHORS, BACKBONES, HEADS, MATCHERS, POSTPROCESS
 from ssdlit.training.builders import build_loggers, build_trainer
 from ssdlit.training.optim import configure_optimizer
 from tests.data_builders import RACCOON_DEFAULT, require_dataset
+from tests.fast_builds import no_weight_init
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -70,7 +72,8 @@ def mandatory(cfg) -> set[str]:
 @functools.cache
 def _detector_for(key: str) -> DetectionModule:
     spec = json.loads(key)
-    return DetectionModule.from_config(spec, spec.pop("class_names"))
+    with no_weight_init():  # structure only: these modules never run their weights
+        return DetectionModule.from_config(spec, spec.pop("class_names"))
 
 
 def build_model(cfg, class_names) -> DetectionModule:
