@@ -180,7 +180,7 @@ def box_vote(
     kept = position[keep]  # the kept boxes' rows in the ordered candidates
     by_group = torch.argsort(kept)  # kept boxes by group (their rows ascend with it)
     kept = kept[by_group]
-    # each kept box's group window [first, last] among the ordered candidates
+    # each kept box's group window [first, last) among the ordered candidates
     first = torch.searchsorted(groups, groups[kept], side="left")
     last = torch.searchsorted(groups, groups[kept], side="right")
     bounds = torch.stack((first, last), dim=1).tolist()
