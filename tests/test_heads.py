@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -487,6 +489,88 @@ def test_mining_ratio_floor_and_n_neg_min():
     # n_neg_min only raises the budget
     keep = hard_negative_mask(loss, matches, n_neg_min=1, mining="per_image")
     assert keep.sum(1).tolist() == [6, 5]
+
+
+def _reference_hardest(loss, matches, ratio, n_neg_min, mining):
+    """The kept negatives by sorting: (image, anchor) pairs, highest loss first and the
+    lower flat index among equals, within each row's budget."""
+    rows = [list(range(matches.shape[0]))] if mining == "per_batch" else [[i] for i in range(matches.shape[0])]
+    kept = set()
+    for images in rows:
+        cands = [
+            (i, j) for i in images for j in range(matches.shape[1])
+            if matches[i, j] == BACKGROUND and loss[i, j] > 0
+        ]  # fmt: skip
+        pos = sum(int((matches[i] >= 0).sum()) for i in images)
+        budget = min(max(math.floor(ratio * pos), n_neg_min), len(cands))
+        cands.sort(key=lambda ij: (-float(loss[ij]), ij))
+        kept.update(cands[:budget])
+    return kept
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 6),
+    a=st.integers(1, 700),
+    levels=st.integers(1, 50),
+    mining=st.sampled_from(["per_image", "per_batch"]),
+    n_neg_min=st.sampled_from([0, 16, 40]),
+)
+def test_mining_equals_sorting_for_any_budgets(seed, b, a, levels, mining, n_neg_min):
+    """Budgets spread over several of the CPU's topk groups (16, 32, ... 512), losses
+    with ties (``levels`` distinct values) and zeros, ignored anchors: exactly the
+    negatives a sort keeps."""
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.randint(0, levels, (b, a), generator=g).float() / levels
+    matches = torch.full((b, a), BACKGROUND)
+    share = torch.rand(b, 1, generator=g) * 0.3  # up to 30% positives per image
+    draw = torch.rand(b, a, generator=g)
+    matches[draw < share] = 0
+    matches[(draw >= share) & (draw < share + 0.05)] = IGNORE
+    index, kept, budget, _ = mine_negatives(loss, matches, 3.0, n_neg_min, mining)
+    flat = index[kept].tolist()
+    got = {(i // a, i % a) for i in flat}
+    assert len(got) == len(flat) == int(budget.sum())
+    assert got == _reference_hardest(loss, matches, 3.0, n_neg_min, mining)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(0, 3000),
+    share=st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.5, 1.0]),
+    offset=st.integers(0, 9),
+)
+def test_nonzero_of_known_size_equals_nonzero(seed, n, share, offset):
+    """The word-at-a-time search of sparse masks on the CPU, and the others, equal
+    ``nonzero`` (any length, density, and start within a larger mask)."""
+    from ssdlit.heads.losses import _nonzero
+
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n + offset, generator=g) < share)[offset:]
+    want = mask.nonzero().squeeze(1)
+    assert torch.equal(_nonzero(mask, want.numel()), want)
+    assert torch.equal(_nonzero(mask.clone(), want.numel()), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gather_rows_has_index_selects_values_and_gradients(dtype):
+    """Distinct indices in any order: the rows and the gradient of ``index_select``."""
+    from ssdlit.heads.losses import gather_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=g).to(dtype).requires_grad_()
+    index = torch.randperm(50, generator=g)[:13]
+    weight = torch.randn(13, 7, generator=g).to(dtype)
+    got = gather_rows(x, index)
+    want = x.index_select(0, index)
+    assert torch.equal(got, want)
+    (grad_got,) = torch.autograd.grad((got * weight).sum(), x)
+    (grad_want,) = torch.autograd.grad((want * weight).sum(), x)
+    assert grad_got.dtype == dtype and torch.equal(grad_got, grad_want)
+    with torch.no_grad():
+        assert not gather_rows(x, index).requires_grad
 
 
 def test_mined_negatives_from_logits_and_their_gradients():
@@ -983,9 +1067,9 @@ def test_multibox_loss_never_materialises_dense_box_targets(box_loss):
     made.clear()
     with Record():
         loss["loss"].backward()
-    # backward: only the gradient of box_deltas (zeros, the positives' rows added)
+    # backward: only the gradient of box_deltas (zeros, the positives' rows written)
     ops = {op.split(".")[1] for op, _ in made}
-    assert ops <= {"new_zeros", "zeros", "index_add", "index_put", "view", "detach"}, made
+    assert ops <= {"new_zeros", "zeros", "index_copy_", "view", "detach"}, made
     assert torch.isfinite(deltas.grad).all()
     positive = (matches >= 0)[..., None]
     assert (deltas.grad.abs() > 0).eq(positive & (deltas.grad.abs() > 0)).all()

@@ -28,6 +28,7 @@ __all__ = [
     "MultiBoxLoss",
     "background_loss",
     "box_loss_terms",
+    "gather_rows",
     "iou_loss_sum",
     "mine_negatives",
     "multibox_loss",
@@ -60,14 +61,58 @@ MINING = "per_image"
 
 
 def _nonzero(mask: Tensor, size: int) -> Tensor:
-    """The indices ``[size]`` of the True entries of the 1-d ``mask``, knowing their
-    number (no second host read on accelerators where ``nonzero_static`` exists)."""
+    """The indices ``[size]`` of the True entries of the 1-d bool ``mask``, ascending,
+    knowing their number (no second host read on accelerators where ``nonzero_static``
+    exists).
+
+    On the CPU, where sizes cost no synchronisation, a sparse mask (at most one True in
+    8 entries) is searched a word at a time: its bytes read as int64 words, the words
+    that are not 0, then the 8 entries of those words only. ``nonzero`` over every entry
+    costs ~4x more for the few positives of a batch of anchors.
+    """
+    n = mask.shape[0]
+    words = mask.is_contiguous() and n % 8 == 0 and mask.storage_offset() % 8 == 0
+    if mask.device.type == "cpu" and words and size * 8 <= n:
+        bytes_ = mask.view(-1, 8)
+        hit = bytes_.view(torch.uint8).view(torch.int64).nonzero()[:, 0]  # [H] words
+        row, col = bytes_.index_select(0, hit).nonzero(as_tuple=True)
+        return hit.index_select(0, row) * 8 + col
     if hasattr(torch, "nonzero_static"):
         try:
             return torch.nonzero_static(mask, size=size).squeeze(1)
         except NotImplementedError:  # not on this device in older releases
             pass
     return mask.nonzero().squeeze(1)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward writes the rows (``index_copy_``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return x.index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).index_copy_(0, index, grad), None
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x.index_select(0, index)`` (``[N, ...]`` -> ``[len(index), ...]``) for
+    **distinct** indices, as the losses gather their positives and mined negatives.
+
+    The gradient is the same; it is written row by row into zeros (``index_copy_``)
+    where ``index_select``'s backward accumulates (``index_add_``), which costs ~2x
+    more on the CPU for the few thousand rows of a batch of anchors. Repeated indices
+    would keep one row's gradient only: pass each index once.
+    """
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x.index_select(0, index)
+    return _GatherRows.apply(x, index)
 
 
 def positive_targets(
@@ -144,11 +189,13 @@ def background_loss(cls_logits: Tensor) -> Tensor:
     classification loss of every anchor that is not positive).
 
     ``cls_logits [B, A, K]`` (column 0 = background): ``log(sum_k exp(l_k - l_0))``,
-    the sum over K as a matrix-vector product (several times faster than a reduction
-    over a short last dimension). On the CPU, in blocks of rows that stay in cache, as
-    ``log(sum_k exp(l_k)) - l_0``; a block whose logits leave the range of ``exp``
-    (|l| > ~87: a sum that overflows or underflows) is computed shifted by each row's
-    largest logit instead, as on other devices (there without host reads).
+    the sum over K as a matrix product (several times faster than a reduction over a
+    short last dimension). On the CPU, in blocks of rows that stay in cache, as
+    ``log(sum_k exp(l_k) / exp(l_0))``: one product with ``[K, 2]`` gives both the sum
+    and ``exp(l_0)`` (no strided read of column 0); a block whose logits leave the range
+    of ``exp`` (|l| > ~87: a sum or an ``exp(l_0)`` that overflows or underflows) is
+    computed shifted by each row's largest logit instead, as on other devices (there
+    without host reads).
     """
     b, a, k = cls_logits.shape
     dtype = torch.promote_types(cls_logits.dtype, torch.float32)
@@ -156,22 +203,25 @@ def background_loss(cls_logits: Tensor) -> Tensor:
     # float32 even under autocast (its matmul would run in bfloat16 / float16)
     exact = torch.autocast(device.type, enabled=False) if device.type != "meta" else nullcontext()
     rows = cls_logits.detach().reshape(b * a, k)
-    out = torch.empty(b * a, dtype=dtype, device=device)
     with torch.no_grad(), exact:
         ones = torch.ones(k, 1, dtype=dtype, device=device)
         if device.type != "cpu":
             return _shifted_background_loss(rows.to(dtype), ones).view(b, a)
+        both = torch.zeros(k, 2, dtype=dtype, device=device)
+        both[:, 0] = 1.0  # column 0: the sum of exp over the K logits
+        both[0, 1] = 1.0  # column 1: exp(l_0)
+        sums = torch.empty(b * a, 2, dtype=dtype, device=device)
         step = max(1, _BLOCK // k)
         work = torch.empty(min(step, b * a), k, dtype=dtype, device=device)
         for start in range(0, b * a, step):
             block = rows[start : start + step].to(dtype)
             e = torch.exp(block, out=work[: block.shape[0]])
-            part = out[start : start + step]
-            torch.mm(e, ones, out=part[:, None]).log_()
-            part.sub_(block[:, 0])
-        bad = ~torch.isfinite(out)  # a sum outside exp's range: 0 or inf
-        if bool(bad.any()):
-            index = bad.nonzero().squeeze(1)
+            torch.mm(e, both, out=sums[start : start + step])
+        out = torch.div(sums[:, 0], sums[:, 1]).log_()
+        # A sum or exp(l_0) outside exp's range gives inf or NaN: then the total is not
+        # finite either (one reduction; an elementwise isfinite costs ~50x more here).
+        if not bool(torch.isfinite(out.sum())):
+            index = (~torch.isfinite(out)).nonzero().squeeze(1)
             out[index] = _shifted_background_loss(rows.index_select(0, index).to(dtype), ones)
     return out.view(b, a)
 
@@ -184,7 +234,7 @@ def _shifted_background_loss(rows: Tensor, ones: Tensor) -> Tensor:
     return (total + top).squeeze(1) - rows[:, 0]
 
 
-_BLOCK = 1 << 18  # logits per block of background_loss on the CPU (1 MiB of float32)
+_BLOCK = 1 << 17  # logits per block of background_loss on the CPU (512 KiB of float32)
 
 
 def mine_negatives(
@@ -211,9 +261,10 @@ def mine_negatives(
       so an image without objects gets negatives only where they are among the
       batch's hardest (a batch without any object keeps its ``n_neg_min`` hardest).
 
-    Works on R rows (B images, or 1 for the batch) with a ``torch.topk`` of the largest
-    budget: the one host read of the training step (:func:`multibox_loss`) brings that
-    number to the host together with the number of positives.
+    Works on R rows (B images, or 1 for the batch) with ``torch.topk`` (on the CPU one per
+    group of rows with similar budgets): the one host read of the training step
+    (:func:`multibox_loss`) brings the budgets to the host together with the number of
+    positives.
 
     Args:
         bg_loss: ``[B, A]`` the background loss of each anchor (:func:`background_loss`).
@@ -225,7 +276,7 @@ def mine_negatives(
         negatives kept per row; ``num_pos [B]`` long: the positives of each image.
     """
     key, budget, num_pos = _negative_keys(bg_loss, matches, neg_pos_ratio, n_neg_min, mining)
-    index, kept = _hardest(key, budget, int(budget.max()), matches.shape, mining)
+    index, kept = _hardest(key, budget, budget.tolist(), matches.shape, mining)
     return index, kept, budget, num_pos
 
 
@@ -233,31 +284,59 @@ def _negative_keys(
     bg_loss: Tensor, matches: Tensor, neg_pos_ratio: float, n_neg_min: int, mining: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`mine_negatives` up to the host read: ``key [R, N]`` int64 (the float32
-    bits of the loss << 32 | N - 1 - index; -1 for non-candidates), ``budget [R]`` and
-    ``num_pos [B]``."""
+    bits of the loss << 32 | N - 1 - index; the loss taken as 0 for non-candidates),
+    ``budget [R]`` and ``num_pos [B]``."""
     if mining not in MINING_MODES:
         raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
     num_pos = (matches >= 0).sum(dim=1)  # [B]
-    candidate = (matches == BACKGROUND) & (bg_loss > 0)  # [B, A]
-    loss, rows_pos = bg_loss, num_pos
+    # The candidates' losses, 0 elsewhere: a multiply, where masked_fill_ / where over
+    # [B, A] would cost several times more on the CPU. Every candidate (loss > 0) then
+    # has a key >= 2**32 and every other anchor one below: never kept, as the budget is
+    # capped by the number of candidates.
+    loss = bg_loss.clamp(min=0).mul_(matches == BACKGROUND)
     if mining == "per_batch":  # the batch is one long image
-        loss, candidate, rows_pos = loss.reshape(1, -1), candidate.view(1, -1), num_pos.sum(0, True)
+        loss, rows_pos = loss.view(1, -1), num_pos.sum(0, True)
+    else:
+        rows_pos = num_pos
     n = loss.shape[1]
     # one int64 key per anchor: the highest loss first, the lower index among equals
-    key = keys.pack(loss, torch.arange(n, device=loss.device), n).masked_fill_(~candidate, -1)
+    key = keys.pack(loss, torch.arange(n, device=loss.device), n)
     budget = torch.floor(rows_pos.double() * float(neg_pos_ratio)).long()
-    budget = budget.clamp(min=int(n_neg_min)).minimum(candidate.sum(dim=1))  # [R]
+    candidates = loss.sign().sum(dim=1).long()  # loss > 0 (a float sum: ~4x count_nonzero)
+    budget = budget.clamp(min=int(n_neg_min)).minimum(candidates)  # [R]
     return key, budget, num_pos
 
 
 def _hardest(
-    key: Tensor, budget: Tensor, k: int, shape: torch.Size, mining: str
+    key: Tensor, budget: Tensor, budgets: list[int], shape: torch.Size, mining: str
 ) -> tuple[Tensor, Tensor]:
-    """The ``k`` (>= every budget) highest keys of each row as flat indices into the
-    ``[B, A]`` matches, and which of them are within their row's budget."""
+    """The ``k = max(budgets)`` highest keys of each row as flat indices ``[R, k]`` into
+    the ``[B, A]`` matches, and which of them are within their row's budget.
+
+    ``budgets`` is ``budget`` on the host. On the CPU the rows are taken in groups of
+    similar budgets (up to 16, 32, 64, ... negatives), each group's ``topk`` asking only
+    for its own largest budget: a ``topk`` costs with ``k`` (more than 2x from 64 to 200
+    of 8732), so no image pays for the largest budget of the batch.
+    """
     b, a = shape
-    n = key.shape[1]
-    top = key.topk(k, dim=1).values if k > 0 else key[:, :0]  # [R, k] descending
+    r, n = key.shape
+    k = max(budgets, default=0)
+    if k == 0:
+        top = key[:, :0]
+    elif key.device.type != "cpu":
+        top = key.topk(k, dim=1).values  # [R, k] descending
+    else:
+        groups: dict[int, list[int]] = {}
+        for row, size in enumerate(budgets):
+            groups.setdefault(max(16, 1 << (size - 1).bit_length()), []).append(row)
+        if len(groups) == 1:
+            top = key.topk(k, dim=1).values
+        else:
+            top = key.new_zeros(r, k)
+            for size, rows in groups.items():
+                kg = min(k, size, n)
+                index = torch.tensor(rows)
+                top[index, :kg] = key.index_select(0, index).topk(kg, dim=1).values
     kept = torch.arange(k, device=key.device) < budget[:, None]  # [R, k]
     index = torch.where(kept, keys.index_of(top, n), 0)  # within the row
     if mining == "per_image":
@@ -309,11 +388,12 @@ def multibox_loss(
 
     How: the background loss of every anchor is computed once without gradient (what
     mining ranks); the positives and the mined negatives are then gathered (``[P, K]``
-    and ``[R, k, K]`` rows) and only they enter the graph: the regression targets
+    and ``[M, K]`` rows, each anchor once: :func:`gather_rows`) and only they enter the
+    graph: the regression targets
     (and, for the IoU terms, the decoded boxes) exist for the P positives only
     (``[P, 4]``), never as a dense ``[B, A, 4]``. The
-    step reads two numbers on the host, once (the positives and the largest negative
-    budget: the sizes of those gathers).
+    step reads on the host once: the number of positives and the R negative budgets
+    (the sizes of those gathers).
 
     Args:
         cls_logits: ``[B, A, K]``.
@@ -340,23 +420,21 @@ def multibox_loss(
     dtype = torch.promote_types(cls_logits.dtype, torch.float32)
     bg = background_loss(cls_logits)  # [B, A], no gradient
     key, budget, num_pos = _negative_keys(bg, matches, neg_pos_ratio, n_neg_min, mining)
-    # The one host read of the step: the sizes of the two gathers below.
-    p, most = torch.stack((num_pos.sum(), budget.max())).tolist()
-    negatives, kept = _hardest(key, budget, most, matches.shape, mining)
+    # The one host read of the step: the sizes of the gathers below.
+    p, *budgets = torch.cat((num_pos.sum()[None], budget)).tolist()
+    negatives, kept = _hardest(key, budget, budgets, matches.shape, mining)
     positives, gt_xyxy, labels = positive_targets(matches, gt_boxes, gt_labels, p)
 
-    # The positives and the mined negatives, gathered once ([P + R * k, K] rows).
-    rows = torch.cat((positives, negatives.reshape(-1)))
+    # The positives and the kept negatives (each anchor once), gathered ([P + M, K] rows).
+    negatives = negatives.reshape(-1).index_select(0, _nonzero(kept.reshape(-1), sum(budgets)))
+    rows = torch.cat((positives, negatives))
     target = torch.cat((labels, negatives.new_zeros(negatives.numel())))
-    weight = torch.cat((kept.new_ones(p), kept.reshape(-1))).to(dtype)
-    ce = F.cross_entropy(
-        cls_logits.reshape(b * a, k).index_select(0, rows).to(dtype), target, reduction="none"
-    )
-    cls_sum = (ce * weight).sum()
+    logits = gather_rows(cls_logits.reshape(b * a, k), rows).to(dtype)
+    cls_sum = F.cross_entropy(logits, target, reduction="sum")
 
     anchors = anchors.to(device=cls_logits.device, dtype=dtype)
     pos_anchors = anchors.index_select(0, positives % a)  # [P, 4]
-    deltas = box_deltas.reshape(b * a, 4).index_select(0, positives).to(dtype)
+    deltas = gather_rows(box_deltas.reshape(b * a, 4), positives).to(dtype)
     sums = []
     for term in terms:
         if term == "smooth_l1":

@@ -12,7 +12,7 @@ from torchvision.ops import sigmoid_focal_loss
 from ssdlit.anchors.matching import IGNORE
 from ssdlit.boxes import BoxCoder, convert
 from ssdlit.heads.base import DetectionHead, flatten_levels, prior_bias
-from ssdlit.heads.losses import positive_targets
+from ssdlit.heads.losses import gather_rows, positive_targets
 from ssdlit.registry import HEADS
 
 __all__ = ["RetinaHead"]
@@ -185,7 +185,7 @@ class RetinaHead(DetectionHead):
         anchors = anchors.to(device=logits.device, dtype=dtype)
         matched = convert(gt_xyxy.to(dtype), "xyxy", "cxcywh")  # [P, 4]
         targets = self.coder.encode(matched, anchors.index_select(0, pos % a))  # [P, 4]
-        deltas = outputs["box_deltas"].reshape(b * a, 4).index_select(0, pos).to(dtype)
+        deltas = gather_rows(outputs["box_deltas"].reshape(b * a, 4), pos).to(dtype)
         if self.box_loss == "l1":
             box_sum = F.l1_loss(deltas, targets, reduction="sum")
         else:

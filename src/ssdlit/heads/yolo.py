@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ssdlit.anchors.matching import IGNORE
 from ssdlit.boxes import convert
 from ssdlit.heads.base import DetectionHead, flatten_levels, prior_bias
-from ssdlit.heads.losses import positive_targets
+from ssdlit.heads.losses import gather_rows, positive_targets
 from ssdlit.registry import HEADS
 
 __all__ = ["YoloHead"]
@@ -231,7 +231,7 @@ class YoloHead(DetectionHead):
         )
         loss_obj = (obj * valid).sum() / b
 
-        rows = logits.reshape(b * a, -1).index_select(0, pos)  # [P, 1 + C]
+        rows = gather_rows(logits.reshape(b * a, -1), pos)  # [P, 1 + C]
         onehot = F.one_hot(labels, self.num_classes + 1)[:, 1:].to(dtype)  # [P, C]
         cls = F.binary_cross_entropy_with_logits(rows[:, 1:], onehot, reduction="sum")
         loss_cls = cls / b
@@ -241,7 +241,7 @@ class YoloHead(DetectionHead):
         cells = self._cells(anchors, gt).index_select(0, anchor)
         target = self._encode(gt, anchors.index_select(0, anchor), cells)  # [P, 4]
         weight = 2.0 - gt[:, 2] * gt[:, 3] if self.box_scale else gt.new_ones(p)  # [P]
-        t = outputs["box_deltas"].reshape(b * a, 4).index_select(0, pos).to(dtype)
+        t = gather_rows(outputs["box_deltas"].reshape(b * a, 4), pos).to(dtype)
         if self.xy_loss == "mse":
             xy = F.mse_loss(t[:, :2].sigmoid(), target[:, :2], reduction="none")
         else:
