@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 
 import ssdlit.heads  # noqa: F401  (registers the heads)
@@ -494,7 +494,11 @@ def test_mining_ratio_floor_and_n_neg_min():
 def _reference_hardest(loss, matches, ratio, n_neg_min, mining):
     """The kept negatives by sorting: (image, anchor) pairs, highest loss first and the
     lower flat index among equals, within each row's budget."""
-    rows = [list(range(matches.shape[0]))] if mining == "per_batch" else [[i] for i in range(matches.shape[0])]
+    rows = (
+        [list(range(matches.shape[0]))]
+        if mining == "per_batch"
+        else [[i] for i in range(matches.shape[0])]
+    )
     kept = set()
     for images in rows:
         cands = [
