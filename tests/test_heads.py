@@ -494,20 +494,18 @@ def test_mining_ratio_floor_and_n_neg_min():
 def _reference_hardest(loss, matches, ratio, n_neg_min, mining):
     """The kept negatives by sorting: (image, anchor) pairs, highest loss first and the
     lower flat index among equals, within each row's budget."""
-    rows = (
-        [list(range(matches.shape[0]))]
-        if mining == "per_batch"
-        else [[i] for i in range(matches.shape[0])]
-    )
+    loss, matches = loss.tolist(), matches.tolist()
+    images = range(len(matches))
+    rows = [list(images)] if mining == "per_batch" else [[i] for i in images]
     kept = set()
-    for images in rows:
+    for row in rows:
         cands = [
-            (i, j) for i in images for j in range(matches.shape[1])
-            if matches[i, j] == BACKGROUND and loss[i, j] > 0
+            (i, j) for i in row for j, m in enumerate(matches[i])
+            if m == BACKGROUND and loss[i][j] > 0
         ]  # fmt: skip
-        pos = sum(int((matches[i] >= 0).sum()) for i in images)
+        pos = sum(m >= 0 for i in row for m in matches[i])
         budget = min(max(math.floor(ratio * pos), n_neg_min), len(cands))
-        cands.sort(key=lambda ij: (-float(loss[ij]), ij))
+        cands.sort(key=lambda ij: (-loss[ij[0]][ij[1]], ij))
         kept.update(cands[:budget])
     return kept
 

@@ -116,7 +116,11 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
 
 
 def positive_targets(
-    matches: Tensor, gt_boxes: Tensor, gt_labels: Tensor, count: int
+    matches: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    count: int,
+    positive: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The positives of ``matches [B, A]`` and their ground truth, without a dense target.
 
@@ -125,13 +129,15 @@ def positive_targets(
         gt_boxes: ``[B, G, 4]`` xyxy normalised; gt_labels: ``[B, G]`` int64.
         count: the number of positives, ``int((matches >= 0).sum())`` (read by the
             caller together with whatever else it needs on the host).
+        positive: ``matches >= 0`` when the caller has it already.
     Returns:
         ``positives [P]`` long, flat indices into ``matches.view(-1)`` ascending (anchor
         ``positives % A``, image ``positives // A``), their gt boxes ``[P, 4]`` xyxy and
         labels ``[P]`` int64.
     """
     a = matches.shape[1]
-    positives = _nonzero(matches.reshape(-1) >= 0, count)  # [P]
+    positive = matches >= 0 if positive is None else positive
+    positives = _nonzero(positive.reshape(-1), count)  # [P]
     gt = (positives // a) * gt_boxes.shape[1] + matches.reshape(-1).index_select(0, positives)
     boxes = gt_boxes.reshape(-1, 4).index_select(0, gt)
     return positives, boxes, gt_labels.reshape(-1).index_select(0, gt).long()
@@ -275,20 +281,25 @@ def mine_negatives(
         ``kept [R, k]`` bool: which entries are kept; ``budget [R]`` long: the
         negatives kept per row; ``num_pos [B]`` long: the positives of each image.
     """
-    key, budget, num_pos = _negative_keys(bg_loss, matches, neg_pos_ratio, n_neg_min, mining)
+    num_pos = (matches >= 0).sum(dim=1)  # [B]
+    key, budget = _negative_keys(bg_loss, matches, num_pos, neg_pos_ratio, n_neg_min, mining)
     index, kept = _hardest(key, budget, budget.tolist(), matches.shape, mining)
     return index, kept, budget, num_pos
 
 
 def _negative_keys(
-    bg_loss: Tensor, matches: Tensor, neg_pos_ratio: float, n_neg_min: int, mining: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`mine_negatives` up to the host read: ``key [R, N]`` int64 (the float32
-    bits of the loss << 32 | N - 1 - index; the loss taken as 0 for non-candidates),
-    ``budget [R]`` and ``num_pos [B]``."""
+    bg_loss: Tensor,
+    matches: Tensor,
+    num_pos: Tensor,
+    neg_pos_ratio: float,
+    n_neg_min: int,
+    mining: str,
+) -> tuple[Tensor, Tensor]:
+    """:func:`mine_negatives` up to the host read, given the positives of each image
+    ``num_pos [B]``: ``key [R, N]`` int64 (the float32 bits of the loss << 32 | N - 1 -
+    index; the loss taken as 0 for non-candidates) and ``budget [R]``."""
     if mining not in MINING_MODES:
         raise ValueError(f"mining must be one of {MINING_MODES}, got {mining!r}")
-    num_pos = (matches >= 0).sum(dim=1)  # [B]
     # The candidates' losses, 0 elsewhere: a multiply, where masked_fill_ / where over
     # [B, A] would cost several times more on the CPU. Every candidate (loss > 0) then
     # has a key >= 2**32 and every other anchor one below: never kept, as the budget is
@@ -304,7 +315,7 @@ def _negative_keys(
     budget = torch.floor(rows_pos.double() * float(neg_pos_ratio)).long()
     candidates = loss.sign().sum(dim=1).long()  # loss > 0 (a float sum: ~4x count_nonzero)
     budget = budget.clamp(min=int(n_neg_min)).minimum(candidates)  # [R]
-    return key, budget, num_pos
+    return key, budget
 
 
 def _hardest(
@@ -419,11 +430,13 @@ def multibox_loss(
         raise ValueError(f"anchors must be [{a}, 4], got {tuple(anchors.shape)}")
     dtype = torch.promote_types(cls_logits.dtype, torch.float32)
     bg = background_loss(cls_logits)  # [B, A], no gradient
-    key, budget, num_pos = _negative_keys(bg, matches, neg_pos_ratio, n_neg_min, mining)
+    positive = matches >= 0  # [B, A]
+    num_pos = positive.sum(dim=1)  # [B]
+    key, budget = _negative_keys(bg, matches, num_pos, neg_pos_ratio, n_neg_min, mining)
     # The one host read of the step: the sizes of the gathers below.
     p, *budgets = torch.cat((num_pos.sum()[None], budget)).tolist()
     negatives, kept = _hardest(key, budget, budgets, matches.shape, mining)
-    positives, gt_xyxy, labels = positive_targets(matches, gt_boxes, gt_labels, p)
+    positives, gt_xyxy, labels = positive_targets(matches, gt_boxes, gt_labels, p, positive)
 
     # The positives and the kept negatives (each anchor once), gathered ([P + M, K] rows).
     negatives = negatives.reshape(-1).index_select(0, _nonzero(kept.reshape(-1), sum(budgets)))

@@ -169,7 +169,7 @@ class RetinaHead(DetectionHead):
         positive = matches >= 0  # [B, A]
         valid = matches != IGNORE  # [B, A]
         p = int(positive.sum())  # the host read of the step: the positives' count
-        pos, gt_xyxy, pos_labels = positive_targets(matches, gt_boxes, gt_labels, p)
+        pos, gt_xyxy, pos_labels = positive_targets(matches, gt_boxes, gt_labels, p, positive)
         # one-hot over 1..C: background rows (and ignored ones, masked below) are all 0
         onehot = torch.zeros_like(logits).view(b * a, -1)
         onehot.index_put_((pos, pos_labels - 1), onehot.new_ones(p))

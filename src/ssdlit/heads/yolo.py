@@ -224,7 +224,7 @@ class YoloHead(DetectionHead):
         positive = matches >= 0  # [B, A]
         valid = matches != IGNORE
         p = int(positive.sum())  # the host read of the step: the positives' count
-        pos, gt_xyxy, labels = positive_targets(matches, gt_boxes, gt_labels, p)
+        pos, gt_xyxy, labels = positive_targets(matches, gt_boxes, gt_labels, p, positive)
 
         obj = F.binary_cross_entropy_with_logits(
             logits[..., 0], positive.to(dtype), reduction="none"
