@@ -36,6 +36,7 @@ from ssdlit.zoo.torchvision import (
     coco_class_names,
     convert_state_dict,
     load_named_weights,
+    torchvision_state_dict,
 )
 from tests.fast_builds import ssd300_vgg16
 
@@ -150,13 +151,20 @@ def test_decoded_boxes_are_as_exact_as_float32_allows(saved):
 
 
 def test_the_source_can_be_a_model_a_state_dict_or_a_reference_checkpoint(saved, tmp_path):
+    """Every source gives the model's tensors (``from_torchvision`` reads its source with
+    ``torchvision_state_dict``); a reference checkpoint goes the whole way (the fixture's
+    detector came from a plain state-dict file)."""
     arch, model, _, detector = saved
     reference = tmp_path / "checkpoint.pth"
     torch.save({"model": model.state_dict(), "epoch": 3}, reference)
-    for source in (model, model.state_dict(), reference):
-        other = from_torchvision(source, arch).state_dict()
-        for key, value in detector.state_dict().items():
-            assert torch.equal(other[key], value), key
+    want = model.state_dict()
+    for source in (model, want, reference):
+        got = torchvision_state_dict(source)
+        assert list(got) == list(want)
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    other = from_torchvision(reference, arch).state_dict()
+    for key, value in detector.state_dict().items():
+        assert torch.equal(other[key], value), key
     assert not detector.training
     assert detector.head.num_classes == 90
 
