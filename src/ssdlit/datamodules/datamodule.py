@@ -3,14 +3,16 @@
 
 Data flow per sample (in a DataLoader worker): decode the image to RGB uint8 ``[H0, W0, 3]``
 (the record's own loader by default, i.e. :func:`ssdlit.datamodules.images.load_rgb` with the
-record's EXIF policy; or a decoded copy kept in memory with ``cache``), run the
-albumentations pipeline on it and its xyxy pixel boxes (:func:`~.transforms.apply_transform`),
+record's EXIF policy; or a decoded copy kept in memory with ``cache``), for a training
+split with ``mosaic_p`` make it, with that probability, the
+:class:`~.transforms.mosaic.Mosaic` of itself and three other images drawn from the
+dataset's own seeded generator, run the albumentations pipeline on it and its xyxy pixel boxes (:func:`~.transforms.apply_transform`),
 and return a uint8 ``[3, H, W]`` tensor, boxes normalised to [0, 1] of the network input,
 labels, difficult flags and ``meta`` (see :mod:`ssdlit.datamodules.collate`). Batches come
 from :func:`~ssdlit.datamodules.collate.collate_detection`.
 
 Reproducibility. Augmentation draws only from the Compose's own generators (albumentations
-2.x), seeded with ``seed``. With ``num_workers > 0`` every worker gets a copy of the dataset
+2.x) and the dataset's mosaic generator, seeded with ``seed``. With ``num_workers > 0`` every worker gets a copy of the dataset
 and so of the same seeded Compose; :func:`seed_worker` (the loaders' ``worker_init_fn``)
 reseeds each copy with the worker's torch seed, ``base_seed + worker_id``, where
 ``base_seed`` is drawn from the loader's generator (seeded with ``seed``) each time an epoch's
@@ -49,7 +51,14 @@ from ssdlit.config import plain
 from ssdlit.datamodules.collate import collate_detection, make_meta
 from ssdlit.datamodules.records import DataError, Record
 from ssdlit.datamodules.splitting import ValSplit, carve
-from ssdlit.datamodules.transforms import apply_transform, as_hw, build_transforms, find_letterbox
+from ssdlit.datamodules.transforms import (
+    Mosaic,
+    MosaicPart,
+    apply_transform,
+    as_hw,
+    build_transforms,
+    find_letterbox,
+)
 from ssdlit.datamodules.validation import DataReport, Problem
 
 __all__ = [
@@ -103,6 +112,11 @@ class DetectionDataset(Dataset):
             :class:`~ssdlit.datamodules.records.DataError`; ``"skip"`` replaces the sample by
             the next one that decodes, and counts it (see the module docstring).
         report: where :meth:`sync_report` adds what loading found (default: a new one).
+        mosaic: with probability ``mosaic.p`` a sample is the
+            :class:`~.transforms.mosaic.Mosaic` of its image and three others drawn at
+            random from the records (then ``transform`` runs on it); None: never.
+        seed: seed of the generator that draws the mosaics (reseeded per worker by
+            :meth:`reseed`, like the augmentation's).
     """
 
     def __init__(
@@ -113,6 +127,8 @@ class DetectionDataset(Dataset):
         cache: bool = False,
         on_bad: str = "error",
         report: DataReport | None = None,
+        mosaic: Mosaic | None = None,
+        seed: int = 0,
     ) -> None:
         if on_bad not in ("error", "skip"):
             raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
@@ -122,6 +138,8 @@ class DetectionDataset(Dataset):
         self.on_bad = on_bad
         self.report = report if report is not None else DataReport("data")
         self._letterbox = find_letterbox(transform)
+        self.mosaic = mosaic if mosaic is not None and mosaic.p > 0 else None
+        self._rng = np.random.default_rng(seed)
         # [N] uint8, one of _FINE, _TRUNCATED, _UNREADABLE, _MISSING; in shared memory, so
         # what one worker finds, the others and the main process see.
         self._state = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
@@ -189,6 +207,7 @@ class DetectionDataset(Dataset):
         set_seed = getattr(self.transform, "set_random_seed", None)
         if callable(set_seed):
             set_seed(seed)
+        self._rng = np.random.default_rng(seed)
 
     def sync_report(self) -> int:
         """Add what loading found to :attr:`report` (the images skipped, counted once
@@ -229,6 +248,12 @@ class DetectionDataset(Dataset):
         return added
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        i, img = self._decodable(index)
+        return self._sample(i, img)
+
+    def _decodable(self, index: int) -> tuple[int, np.ndarray]:
+        """Record ``index`` and its image, or under ``on_bad="skip"`` the next record whose
+        image decodes (an undecodable one is marked and skipped from then on)."""
         n = len(self.records)
         for step in range(n):
             i = (index + step) % n
@@ -236,7 +261,7 @@ class DetectionDataset(Dataset):
                 continue  # known bad: the next one stands in for it
             img = self._load_or_mark(i) if self._cache is None else self._cached(i)
             if img is not None:
-                return self._sample(i, img)
+                return i, img
         raise DataError(
             "unreadable_image",
             self.records[index].path,
@@ -250,8 +275,15 @@ class DetectionDataset(Dataset):
 
     def _sample(self, index: int, img: np.ndarray) -> dict[str, Any]:
         rec = self.records[index]
+        part = MosaicPart(img, rec.boxes, rec.labels, rec.difficult)
+        if self.mosaic is not None and self._rng.random() < self.mosaic.p:
+            donors = [self._decodable(int(j)) for j in self._rng.integers(len(self), size=3)]
+            part = self.mosaic(
+                [part, *(MosaicPart(im, *self._annotations(j)) for j, im in donors)], self._rng
+            )
+        img = part.image
         h0, w0 = img.shape[:2]
-        out = apply_transform(self.transform, img, rec.boxes, rec.labels, rec.difficult)
+        out = apply_transform(self.transform, img, part.boxes, part.labels, part.difficult)
         h, w = out.image.shape[:2]
         boxes = out.boxes * np.array([1.0 / w, 1.0 / h, 1.0 / w, 1.0 / h], dtype=np.float32)
         if self._letterbox is not None:
@@ -276,6 +308,10 @@ class DetectionDataset(Dataset):
                 offset=offset,
             ),
         }
+
+    def _annotations(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rec = self.records[index]
+        return rec.boxes, rec.labels, rec.difficult
 
 
 def _reseed(dataset: Any, seed: int) -> None:
@@ -378,7 +414,9 @@ class DetectionDataModule(pl.LightningDataModule):
         image_size: network input ``(H, W)`` or one int.
         augment: per split, a pipeline name (``"ssd"``, ``"light"``, ``"val"``), a dict
             ``{"name": ..., **options}`` for :func:`~.transforms.build_transforms`, or a
-            ready albumentations Compose; merged over :data:`DEFAULT_AUGMENT`.
+            ready albumentations Compose; merged over :data:`DEFAULT_AUGMENT`. The train
+            dict may also hold ``mosaic_p``: the probability of a
+            :class:`~.transforms.mosaic.Mosaic` of four images before the pipeline.
         batch_size: training batch size; ``eval_batch_size`` (default: the same) for the rest.
         num_workers, persistent_workers, pin_memory: DataLoader options (persistent workers
             only with ``num_workers > 0``).
@@ -445,6 +483,8 @@ class DetectionDataModule(pl.LightningDataModule):
         unknown = set(self.augment) - set(_SPLITS)
         if unknown:
             raise ValueError(f"augment: unknown split(s) {sorted(unknown)}; splits: {_SPLITS}")
+        for split in self.augment:
+            self.mosaic(split)  # a wrong mosaic_p fails here, not in a worker
         if isinstance(cache_images, bool):
             self.cache_splits = {"train", "val", "test"} if cache_images else set()
         else:
@@ -549,7 +589,19 @@ class DetectionDataModule(pl.LightningDataModule):
             return build_transforms(spec, self.image_size, seed=self.seed)
         options = dict(spec)
         name = options.pop("name", DEFAULT_AUGMENT[split])
+        options.pop("mosaic_p", None)  # the dataset's (:meth:`mosaic`)
         return build_transforms(name, self.image_size, seed=self.seed, **options)
+
+    def mosaic(self, split: str) -> Mosaic | None:
+        """The split's :class:`~.transforms.mosaic.Mosaic` when ``augment[split]`` sets
+        ``mosaic_p`` above 0 (training only), else None."""
+        spec = plain(self.augment[split])
+        p = float(spec.get("mosaic_p") or 0.0) if isinstance(spec, Mapping) else 0.0
+        if p <= 0:
+            return None
+        if split != "train":
+            raise ValueError(f"augment.{split}.mosaic_p: mosaic is for the train split only")
+        return Mosaic(self.image_size, p=p)
 
     def dataset(self, split: str) -> DetectionDataset | None:
         """The split's dataset, built (and its images cached) on first use."""
@@ -564,6 +616,8 @@ class DetectionDataModule(pl.LightningDataModule):
                 cache=split in self.cache_splits,
                 on_bad=self._on_bad[split],
                 report=self.reports.get(split),
+                mosaic=self.mosaic(split),
+                seed=self.seed,
             )
         return self.datasets[split]
 

@@ -2,6 +2,8 @@
 
 - :mod:`.photometric`: :class:`SSDPhotometricDistort` (uint8 lookup tables).
 - :mod:`.geometric`: :class:`ZoomOut`, :class:`MinIoURandomCrop`, :class:`Letterbox`.
+- :mod:`.mosaic`: :class:`Mosaic` (four training images in one, before a pipeline; the
+  dataset applies it, ``augment.train.mosaic_p``).
 - :mod:`.pipelines`: :func:`build_transforms` (``ssd``, ``light``, ``val``),
   :func:`transform_from_spec` (``{"name": "GaussNoise", ...}``), :func:`apply_transform`.
 """
@@ -16,6 +18,7 @@ from ssdlit.datamodules.transforms.geometric import (
     letterbox_geometry,
     sample_min_iou_crop,
 )
+from ssdlit.datamodules.transforms.mosaic import Mosaic, MosaicPart
 from ssdlit.datamodules.transforms.photometric import SSDPhotometricDistort, ssd_photometric_distort
 from ssdlit.datamodules.transforms.pipelines import (
     CUSTOM_TRANSFORMS,
@@ -40,6 +43,8 @@ __all__ = [
     "Letterbox",
     "LetterboxGeometry",
     "MinIoURandomCrop",
+    "Mosaic",
+    "MosaicPart",
     "SSDPhotometricDistort",
     "TransformResult",
     "ZoomOut",
